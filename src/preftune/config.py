@@ -1,0 +1,329 @@
+"""One frozen, typed config tree; loaded from YAML, overridden by dotted `key=value`, saved back to YAML.
+
+Every field is documented in place (the docstring under it); `preftune train --help` and the README's
+config reference are generated from these docstrings, so this file is the single source of truth.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+    """HF model directory (or hub name where a network exists). Empty with `arch` set: a random-init model."""
+    arch: dict[str, Any] = field(default_factory=dict)
+    """transformers config kwargs incl. `model_type` (e.g. llama) to build a random-initialised model."""
+    tokenizer: str = ""
+    """Tokenizer directory; empty = same as `path`; `bytes` = preftune's built-in byte-level tokenizer."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16 or float16. Log-softmax always runs in float32."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with the checkpoint to run. Off: only transformers' own classes load."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa, eager or flash_attention_2."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""
+    """Training preference file: JSONL with one {"prompt", "chosen", "rejected"} object per line."""
+    eval: str = ""
+    """Held-out preference file in the same format (optional)."""
+    max_length: int = 512
+    """Longest prompt+response in tokens; longer pairs are truncated (counted and reported)."""
+    max_prompt_length: int = 256
+    """Longest prompt in tokens once a pair must be truncated."""
+    prompt_truncation: str = "keep_end"
+    """Which end of an over-long prompt survives: keep_end (the words nearest the response) or keep_start."""
+    group_by_length: bool = True
+    """Batch pairs of similar length together (shuffled within windows) so little compute goes to padding."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "dpo"
+    """Loss from the registry; `preftune losses` lists them."""
+    beta: float = 0.1
+    """KL strength (DPO's beta; IPO's tau). Lower lets the policy drift further from the reference."""
+    params: dict[str, float] = field(default_factory=dict)
+    """Loss-specific hyperparameters by name, e.g. {label_smoothing: 0.1} for cDPO."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate (the DPO paper uses 1e-6 with batch 64)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW first-moment decay."""
+    adam_beta2: float = 0.999
+    """AdamW second-moment decay."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 150
+    """Linear warm-up from 0 to `lr` over this many optimiser steps (paper: 150)."""
+    schedule: str = "constant"
+    """After warm-up: constant (paper), linear (decay to 0 at the last step) or cosine."""
+    max_grad_norm: float = 10.0
+    """Clip the global gradient norm to this (paper: 10); 0 disables clipping."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    run_name: str = ""
+    """Run directory name under `output_dir`; empty = the config file's stem."""
+    overwrite: bool = False
+    """Allow writing into a run directory that already holds a run (otherwise an error, never silent loss)."""
+    batch_size: int = 8
+    """Pairs per micro-batch on each process."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step; pairs per step = batch_size x grad_accum x processes."""
+    max_steps: int = 0
+    """Optimiser steps; 0 = derive from `epochs`."""
+    epochs: float = 1.0
+    """Passes over the training pairs when `max_steps` is 0."""
+    seed: int = 0
+    """Seeds data order, initialisation of random models and dropout."""
+    log_every: int = 1
+    """Write metrics every this many optimiser steps."""
+    mixed_precision: str = "no"
+    """Accelerate mixed precision: no, bf16 or fp16."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def run_dir(self) -> Path:
+        return Path(self.train.output_dir) / (self.train.run_name or "run")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under it (read from the source, so docs never drift)."""
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for stmt, nxt in zip(body, body[1:], strict=False):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[stmt.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field annotation; strings (from the command line) are parsed by the type."""
+    origin = typing.get_origin(annotation)
+    expected = getattr(annotation, "__name__", str(annotation))
+    if origin is dict or annotation is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, val_type = typing.get_args(annotation) or (str, Any)
+        return {k: v if val_type is Any else _coerce(v, val_type, f"{key}.{k}") for k, v in value.items()}
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected a bool (true/false), got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an int, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a float, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            try:
+                return None if arg is type(None) and value is None else _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {annotation}, got {value!r}")
+    if annotation is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported field type {expected}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}; {prefix or 'top level'} keys are {names}")
+        ann = hints[key]
+        if dataclasses.is_dataclass(ann):
+            kwargs[key] = _build(ann, value or {}, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, ann, dotted)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` strings to a raw config dict; the value is typed later by the field's annotation."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. loss.beta=0.2)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        cls: Any = Config
+        node = raw
+        for i, part in enumerate(parts):
+            dotted = ".".join(parts[: i + 1])
+            if cls is None:  # inside a free-form mapping (e.g. model.arch.hidden_size)
+                if i == len(parts) - 1:
+                    node[part] = yaml.safe_load(value)
+                else:
+                    node = node.setdefault(part, {})
+                continue
+            names = [f.name for f in dataclasses.fields(cls)]
+            if part not in names:
+                raise ConfigError(f"unknown config key {dotted!r}; choices at this level: {names}")
+            ann = _hints(cls)[part]
+            if i == len(parts) - 1:
+                if dataclasses.is_dataclass(ann):
+                    raise ConfigError(f"{dotted!r} is a section; set one of its keys, e.g. {dotted}.<key>=...")
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+                cls = ann if dataclasses.is_dataclass(ann) else None
+                if cls is None and typing.get_origin(ann) is not dict:
+                    raise ConfigError(f"{dotted!r} is a {ann} value and has no sub-keys")
+    return raw
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Config from a YAML file plus dotted overrides; the run name defaults to the file's stem."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+    if not cfg.train.run_name and path is not None:
+        cfg = replace(cfg, "train.run_name", Path(path).stem)
+    return cfg
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg: Config, key: str, value: Any) -> Config:
+    """A copy of `cfg` with one dotted key changed (the tree is frozen)."""
+    section, name = key.split(".", 1)
+    sub = getattr(cfg, section)
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{name: value})})
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
+    "data.prompt_truncation": ("keep_end", "keep_start"),
+    "optim.schedule": ("constant", "linear", "cosine"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone can't express; each error names the key, the value and the choices."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+    positive = ["data.max_length", "data.max_prompt_length", "train.batch_size", "train.grad_accum",
+                "train.log_every"]
+    for key in positive:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {getattr(getattr(cfg, section), name)}")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError(f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length "
+                          f"({cfg.data.max_length}) so each response keeps at least one token")
+    for key in ("optim.lr", "optim.weight_decay", "optim.max_grad_norm", "loss.beta", "train.epochs"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {getattr(getattr(cfg, section), name)}")
+    if cfg.train.max_steps < 0 or cfg.optim.warmup_steps < 0:
+        raise ConfigError("train.max_steps and optim.warmup_steps must be >= 0")
+    from preftune.losses import LOSSES  # late: losses import torch, config loading should not need to
+
+    if cfg.loss.name not in LOSSES:
+        raise ConfigError(f"loss.name: unknown loss {cfg.loss.name!r}; choose from {sorted(LOSSES)}")
+    allowed = LOSSES[cfg.loss.name].hyperparameters()
+    for name in cfg.loss.params:
+        if name not in allowed:
+            raise ConfigError(f"loss.params.{name}: {cfg.loss.name!r} takes no such hyperparameter; "
+                              f"it takes {sorted(allowed)}")
+    if not cfg.model.path and not cfg.model.arch:
+        raise ConfigError("model: set model.path (a HF model directory) or model.arch (a random-init config)")

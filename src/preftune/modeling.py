@@ -1,0 +1,77 @@
+"""Load the policy model and tokenizer a config names: a HF directory, or a random model from `arch`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from preftune.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built in code: 256 byte symbols + <bos>, <eos>, <pad>; no merges, no download.
+
+    For tiny random models in smoke runs and tests. It saves and reloads like any HF fast tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    specials = ["<bos>", "<eos>", "<pad>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    source = cfg.tokenizer or cfg.path
+    if source == "bytes":
+        tokenizer = byte_tokenizer()
+    elif not source:
+        raise ValueError("model.tokenizer: a random-init model (model.arch) needs a tokenizer: "
+                         "a tokenizer directory or 'bytes'")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # padding positions are masked out of attention and loss, so any id will do; EOS is always present
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> torch.nn.Module:
+    """The policy in training mode. Weights load from safetensors only: pickle files can execute code."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.path:
+        if Path(cfg.path).is_dir() and not any(Path(cfg.path).glob("*.safetensors")):
+            raise ValueError(f"model.path {cfg.path!r} holds no .safetensors weights; preftune does not load "
+                             "pickle (.bin/.pt) weights since they can execute code; convert them first")
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation, use_safetensors=True)
+    else:
+        arch = dict(cfg.arch)
+        model_type = arch.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("model.arch needs a 'model_type' (e.g. llama)")
+        arch.setdefault("vocab_size", len(tokenizer))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            arch.setdefault(name, getattr(tokenizer, name))
+        model_config = AutoConfig.for_model(model_type, **arch)
+        torch.manual_seed(seed)  # a random model is a function of the seed
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
+                                                 attn_implementation=cfg.attn_implementation)
+    if model.config.vocab_size < len(tokenizer):
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}")
+    model.config.use_cache = False  # training never reuses the KV cache; keeping it costs memory
+    return model.train()

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random models and configs built in code, no downloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from preftune import config
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"
+
+TINY_ARCH = {
+    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+}
+
+
+def tiny_config(tmp_path: Path, **sections) -> config.Config:
+    """A config for the tiny random Llama + byte tokenizer writing under tmp_path; `sections` are nested
+    dicts merged over the defaults, e.g. tiny_config(tmp, loss={"name": "ipo"}, train={"max_steps": 5})."""
+    raw = {
+        "model": {"arch": dict(TINY_ARCH), "tokenizer": "bytes"},
+        "data": {"train": str(EXAMPLE_PAIRS), "max_length": 128, "max_prompt_length": 64},
+        "loss": {"name": "dpo", "beta": 0.1},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "train": {"output_dir": str(tmp_path / "runs"), "run_name": "t", "batch_size": 8, "max_steps": 30,
+                  "progress": False},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return config.from_dict(raw)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Factory fixture: tiny(**sections) -> Config."""
+    return lambda **sections: tiny_config(tmp_path, **sections)
