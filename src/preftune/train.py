@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from preftune import checkpoint, data
 from preftune.config import Config, OptimConfig
-from preftune.logps import sequence_logps
+from preftune.logps import batch_logps
 from preftune.losses import LOSSES, Logps, bind
-from preftune.modeling import load_model, load_tokenizer
+from preftune.modeling import apply_speedups, load_model, load_tokenizer
 
 # metric name -> how a step's value is formed from per-pair sums (all are means over the step's pairs)
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -67,6 +67,8 @@ def train(cfg: Config) -> Path:
     if spec.needs_reference:
         # frozen copy of the starting policy; reference-free losses never build one
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        apply_speedups(reference, cfg.perf, trainable=False)
+    apply_speedups(policy, cfg.perf)
 
     # --- optimiser and schedule ---
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -98,16 +100,21 @@ def train(cfg: Config) -> Path:
         sums = torch.zeros(len(PAIR_METRICS) + 2, device=accelerator.device)  # + pairs, tokens
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
-            batch = data.collate([pairs[j] for j in local], pad_id).to(accelerator.device)
+            if cfg.perf.packing or cfg.perf.prefix_sharing:
+                batch = data.pack([pairs[j] for j in local], pad_id, prefix_sharing=cfg.perf.prefix_sharing,
+                                  packing=cfg.perf.packing, row_tokens=cfg.perf.pack_tokens)
+            else:
+                batch = data.collate([pairs[j] for j in local], pad_id)
+            batch = batch.to(accelerator.device)
             last = i == len(micro_batches) - 1
             # skip the gradient all-reduce on all but the last micro-batch of the step
             sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
             with sync:
-                policy_chosen, policy_rejected = sequence_logps(policy, batch).halves()
+                policy_chosen, policy_rejected = batch_logps(policy, batch, cfg.perf.logps_chunk).halves()
                 ref_chosen_logps = ref_rejected_logps = None
                 if reference is not None:
                     with torch.no_grad():
-                        ref_chosen, ref_rejected = sequence_logps(reference, batch).halves()
+                        ref_chosen, ref_rejected = batch_logps(reference, batch, cfg.perf.logps_chunk).halves()
                     ref_chosen_logps, ref_rejected_logps = ref_chosen.logps, ref_rejected.logps
                 lp = Logps(policy_chosen.logps, policy_rejected.logps, policy_chosen.lengths,
                            policy_rejected.lengths, ref_chosen_logps, ref_rejected_logps)
@@ -123,7 +130,7 @@ def train(cfg: Config) -> Path:
                     policy_chosen.logps.sum(), policy_rejected.logps.sum(),
                     policy_chosen.mean_logits.sum(), policy_rejected.mean_logits.sum(),
                     torch.tensor(float(len(local)), device=accelerator.device),
-                    batch.attention_mask.sum().float(),
+                    torch.tensor(float(batch.num_tokens), device=accelerator.device),
                 ]).detach().float()
 
         # --- optimiser step ---
