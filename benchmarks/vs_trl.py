@@ -45,9 +45,13 @@ SIZES = {
 BATCH, MAX_LENGTH, BETA, LR, SEED = 8, 512, 0.1, 1e-6, 0
 PROMPT_LEN, RESPONSE_LEN = (64, 128), (64, 192)
 
-# preftune's switches for these arms; chosen by the measurements in docs/performance.md
-PREFTUNE_PERF = {"prefix_sharing": True, "packing": True, "pack_tokens": 0, "logps_chunk": 1024,
-                 "gradient_checkpointing": 0, "compile": False}
+# preftune's switches for its arms, per model size; chosen by the measurements in docs/performance.md
+PREFTUNE_PERF = {
+    "6M": {"prefix_sharing": True, "packing": True, "pack_tokens": 0, "logps_chunk": 0,
+           "gradient_checkpointing": 0, "compile": False},
+    "110M": {"prefix_sharing": True, "packing": True, "pack_tokens": 0, "logps_chunk": 1024,
+             "gradient_checkpointing": 1, "compile": False},
+}
 
 
 # --- workload (parent) ---
@@ -91,7 +95,7 @@ def build_workload(workdir: Path, size: str, num_pairs: int) -> dict:
             tokens += 2 * p + c + r
     embed = arch["vocab_size"] * arch["hidden_size"]
     params = sum(t.numel() for t in AutoModelForCausalLM.from_config(model_config).parameters())
-    return {"model_dir": str(model_dir), "pairs": str(pairs_path), "tokens_per_pair": tokens / num_pairs,
+    return {"size": size, "model_dir": str(model_dir), "pairs": str(pairs_path), "tokens_per_pair": tokens / num_pairs,
             "flop_params": params - embed}  # the input embedding is a lookup, not a matmul
 
 
@@ -153,7 +157,7 @@ def child_preftune(args: argparse.Namespace) -> dict:
     from preftune.losses import Logps, bind
     from preftune.modeling import apply_speedups, load_model, load_tokenizer
 
-    perf = dict(PREFTUNE_PERF, **json.loads(args.perf))
+    perf = dict(PREFTUNE_PERF[args.size], **json.loads(args.perf))
     cfg = config.from_dict({
         "model": {"path": args.model_dir},
         "data": {"train": args.pairs, "max_length": MAX_LENGTH, "max_prompt_length": 256},
@@ -218,8 +222,9 @@ def child_preftune(args: argparse.Namespace) -> dict:
 
 
 def run_child(arm: str, workload: dict, args: argparse.Namespace, perf: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", arm, "--model-dir", workload["model_dir"], "--pairs",
-           workload["pairs"], "--warmup", str(args.warmup), "--steps", str(args.steps), "--perf", perf]
+    cmd = [sys.executable, __file__, "--child", arm, "--size", workload["size"], "--model-dir",
+           workload["model_dir"], "--pairs", workload["pairs"],
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--perf", perf]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
                TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
     launched = time.perf_counter()
@@ -284,6 +289,7 @@ def main() -> None:
     parser.add_argument("--model-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--pairs", default="", help=argparse.SUPPRESS)
     parser.add_argument("--arm", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--size", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         args.arm = args.child
@@ -297,12 +303,14 @@ def main() -> None:
     num_pairs = BATCH * (args.warmup + args.steps)  # one epoch: every arm scores every pair exactly once
     flops_before = matmul_flops()
     print(f"fp32 matmul (2048^2, {args.threads} threads): {flops_before / 1e9:.0f} GFLOP/s; "
-          f"{num_pairs} pairs, batch {BATCH}, {args.warmup} warm-up + {args.steps} timed steps per run; "
-          f"preftune perf {json.dumps(dict(PREFTUNE_PERF, **json.loads(args.perf)))}", flush=True)
+          f"{num_pairs} pairs, batch {BATCH}, {args.warmup} warm-up + {args.steps} timed steps per run",
+          flush=True)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             workload = build_workload(Path(tmp) / size, size, num_pairs)
+            print(f"{size}: preftune perf {json.dumps(dict(PREFTUNE_PERF[size], **json.loads(args.perf)))}",
+                  flush=True)
             repeats = args.repeats or (2 if size == "6M" else 1)
             runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
             for rep in range(repeats):
