@@ -462,7 +462,7 @@ LOSSES: dict[str, LossSpec] = {
     "cdpo": LossSpec(cdpo, "-(1-eps) log sigma(beta h) - eps log sigma(-beta h): noisy labels (Mitchell 2023)"),
     "robust": LossSpec(robust, "unbiased DPO under label-flip rate eps, /(1-2eps) (arXiv:2403.00409)"),
     "ipo": LossSpec(ipo, "(h - 1/(2 beta))^2 on summed log-ratios, the IPO paper (arXiv:2310.12036)"),
-    "ipo_norm": LossSpec(ipo_norm, "(h - 1/(2 beta))^2 on length-normalised log-ratios (TRL/HALOs IPO)",
+    "ipo_norm": LossSpec(ipo_norm, "(h - 1/(2 beta))^2, length-normalised log-ratios (TRL/HALOs; arXiv:2310.12036)",
                          length_normalised=True),
     "hinge": LossSpec(hinge, "max(0, 1 - beta h), SLiC-HF / RSO (arXiv:2305.10425, 2309.06657)"),
     "rpo": LossSpec(rpo, "dpo + alpha * mean-token NLL of y_w (arXiv:2404.19733)", nll=True,
