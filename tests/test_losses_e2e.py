@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXAMPLE_PAIRS, read_metrics
 
 from preftune import cli, data
 from preftune import train as train_module
 from preftune.losses import LOSSES
 from preftune.modeling import load_model, load_tokenizer
 from preftune.train import sync_reference, train
+
+from .conftest import EXAMPLE_PAIRS, read_metrics
 
 UNPAIRED = Path(__file__).parent / "fixtures" / "unpaired.jsonl"
 

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import EXAMPLE_PAIRS, TINY_ARCH
 
 from preftune import config, data
 from preftune.logps import sequence_logps
 from preftune.modeling import byte_tokenizer, load_model
+
+from .conftest import EXAMPLE_PAIRS, TINY_ARCH
 
 
 def test_read_unpaired_errors_name_line_and_field(tmp_path):

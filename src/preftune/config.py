@@ -192,6 +192,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if origin in (typing.Union, types.UnionType):
+        others = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(others) == 1:  # X | None: None, or an X with X's own error message
+            return None if value is None else _coerce(value, others[0], key)
         for arg in typing.get_args(annotation):
             try:
                 return None if arg is type(None) and value is None else _coerce(value, arg, key)

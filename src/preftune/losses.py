@@ -552,9 +552,15 @@ class BoundLoss:
         return out
 
 
-def bind(cfg: LossConfig) -> BoundLoss:
-    """The loss `cfg.name` with its hyperparameters and modifiers fixed: `beta` where the loss takes it
-    (unset = the paper's default), then `params`."""
+def bind(loss: str | LossConfig, beta: float | None = None, params: dict[str, float] | None = None) -> BoundLoss:
+    """A loss with its hyperparameters and modifiers fixed, from a whole `LossConfig` or from a name with
+    `beta` and `params` (no modifiers): `beta` where the loss takes it (unset = the paper's default), then
+    `params`."""
+    if isinstance(loss, str):
+        from preftune.config import LossConfig  # late: config imports this module lazily too
+
+        loss = LossConfig(name=loss, beta=beta, params=dict(params or {}))
+    cfg = loss
     if cfg.name not in LOSSES:
         raise ValueError(f"unknown loss {cfg.name!r}; choose from {sorted(LOSSES)}")
     spec = LOSSES[cfg.name]
