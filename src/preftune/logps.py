@@ -175,25 +175,31 @@ def unit_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: T
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=mask is None,
                                               scale=scaling, enable_gqa=gqa)
 
-    rows, _, width, _ = query.shape
-    pieces: list[list[Tensor]] = [[] for _ in range(rows)]
-    ends = [0] * rows
+    # cut each row once with split (its backward is one cat) rather than slicing per unit: a slice's backward
+    # writes into a zero-filled tensor the size of the whole row, once per slice
+    width = query.shape[2]
+    by_row: dict[int, list[tuple[int, int, int, int]]] = {}
     for row, start, prompt, first, second in units:
-        head = slice(start, start + prompt + first)
-        pieces[row].append(attend(query[row:row + 1, :, head], key[row:row + 1, :, head], value[row:row + 1, :, head],
-                                  None))
-        if second:
-            tail = slice(start + prompt + first, start + prompt + first + second)
-            keys = torch.cat([key[row:row + 1, :, start:start + prompt], key[row:row + 1, :, tail]], dim=2)
-            values = torch.cat([value[row:row + 1, :, start:start + prompt], value[row:row + 1, :, tail]], dim=2)
-            # rejected token i sees the whole prompt and rejected tokens 0..i
-            shifted_causal = torch.ones(second, prompt + second, dtype=torch.bool, device=query.device).tril(prompt)
-            pieces[row].append(attend(query[row:row + 1, :, tail], keys, values, shifted_causal))
-        ends[row] = start + prompt + first + second
-    for row in range(rows):  # units fill each row from column 0 in order; padding after them gets zeros
-        if ends[row] < width:
-            pieces[row].append(query.new_zeros(1, query.shape[1], width - ends[row], query.shape[3]))
-    out = torch.cat([torch.cat(p, dim=2) for p in pieces])  # (R, heads, L, d)
+        by_row.setdefault(row, []).append((start, prompt, first, second))
+    outputs = []
+    for row, (q_row, k_row, v_row) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0), strict=True)):
+        sizes = [n for _, prompt, first, second in by_row.get(row, []) for n in (prompt, first, second)]
+        sizes.append(width - sum(sizes))  # padding after the last unit (zero columns when one row holds all)
+        qs, ks, vs = (t.unsqueeze(0).split(sizes, dim=2) for t in (q_row, k_row, v_row))
+        pieces = []
+        for u, (_, _, _, second) in enumerate(by_row.get(row, [])):
+            i = 3 * u  # pieces i, i+1, i+2: prompt, first response, second response (possibly empty)
+            head_k, head_v = torch.cat(ks[i:i + 2], dim=2), torch.cat(vs[i:i + 2], dim=2)
+            pieces.append(attend(torch.cat(qs[i:i + 2], dim=2), head_k, head_v, None))
+            if second:
+                prompt = qs[i].shape[2]
+                keys, values = torch.cat([ks[i], ks[i + 2]], dim=2), torch.cat([vs[i], vs[i + 2]], dim=2)
+                # rejected token j sees the whole prompt and rejected tokens 0..j
+                shifted_causal = torch.ones(second, prompt + second, dtype=torch.bool, device=query.device)
+                pieces.append(attend(qs[i + 2], keys, values, shifted_causal.tril(prompt)))
+        pieces.append(torch.zeros_like(qs[-1]))  # padding columns: their outputs are never read
+        outputs.append(torch.cat(pieces, dim=2))
+    out = torch.cat(outputs)  # (R, heads, L, d)
     return out.transpose(1, 2).contiguous(), None
 
 
