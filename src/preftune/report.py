@@ -33,7 +33,7 @@ table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.9rem; }
 th, td { border: 1px solid #ccc; padding: 0.3rem 0.5rem; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 1rem; }
-.plots figure { margin: 0; } figcaption { font-size: 0.85rem; color: #555; }
+.plots figure { margin: 0; } .plots img { max-width: 100%; height: auto; }
 td.text { white-space: pre-wrap; max-width: 28rem; } .note { color: #666; font-size: 0.9rem; }
 """
 
@@ -72,6 +72,8 @@ def _plot(title: str, series: list[tuple[str, str]], rows: list[dict]) -> str | 
 
 
 def _fmt(x) -> str:
+    if x is None:
+        return "&ndash;"
     return f"{x:.4g}" if isinstance(x, float) else html.escape(str(x))
 
 
@@ -143,8 +145,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, title: s
     for plot_title, series in PLOTS:
         uri = _plot(plot_title, series, rows)
         if uri is not None:
-            figures.append(f'<figure><img src="{uri}" alt="{html.escape(plot_title)}">'
-                           f"<figcaption>{html.escape(plot_title)}</figcaption></figure>")
+            figures.append(f'<figure><img src="{uri}" alt="{html.escape(plot_title)}"></figure>')
     body.append(f"<div class=plots>{''.join(figures)}</div>" if figures
                 else "<p class=note>No metrics logged (metrics.jsonl is missing or empty).</p>")
     if rows and not any("eval/kl" in r for r in rows):
