@@ -136,6 +136,13 @@ def test_shards_give_every_rank_the_same_number_of_batches_and_each_item_once():
     assert counted == items
 
 
+def test_in_training_eval_without_sampling_logs_pair_metrics_only(tiny):
+    run_dir = train(tiny(data={"eval": str(EXAMPLE_PAIRS)}, train={"max_steps": 2, "eval_every": 2},
+                         eval={"prompts": 0}))
+    last = read_metrics(run_dir)[-1]
+    assert "eval/loss" in last and "eval/kl" not in last
+
+
 def test_eval_every_without_eval_data_is_a_config_error(tmp_path):
     with pytest.raises(config.ConfigError, match="data.eval"):
         tiny_config(tmp_path, train={"eval_every": 5})

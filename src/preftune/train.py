@@ -93,7 +93,8 @@ def train(cfg: Config) -> Path:
     metric_sinks = sinks.Sinks(cfg, run_dir) if accelerator.is_main_process else None
     if eval_pairs:
         eval_shard, eval_weights = heldout.shard_for_rank(eval_pairs, rank, world, cfg.eval.batch_size)
-        kl_prompts = heldout.unique_prompts(cfg.data.eval, cfg.eval.prompts) if reference is not None else []
+        kl_prompts = heldout.unique_prompts(cfg.data.eval, cfg.eval.prompts) \
+            if reference is not None and cfg.eval.prompts > 0 else []
         if kl_prompts:
             kl_shard, kl_weights = heldout.shard_for_rank(kl_prompts, rank, world, cfg.eval.batch_size)
     bar = tqdm(total=total_steps, desc="train", disable=not (accelerator.is_main_process and cfg.train.progress))
