@@ -163,3 +163,12 @@ def test_report_has_plots_tables_and_escaped_samples(run):
     assert "http://" not in page and "https://" not in page
     for text in ("win rate over reference (length)", "KL(policy || reference)", "rewards/accuracies"):
         assert text in page, text
+
+
+def test_eval_refuses_an_unopted_code_judge_before_any_work(run, tmp_path, capsys):
+    _, run_dir = run
+    out = tmp_path / "eval.json"
+    rc = cli.main(["eval", str(run_dir), "--data", str(EXAMPLE_PAIRS), "--out", str(out), "--quiet",
+                   "judge.name=os:system"])
+    assert rc == 2 and "judge.allow_code=true" in capsys.readouterr().err
+    assert not out.exists()

@@ -229,6 +229,9 @@ def evaluate_target(target: Target, data_path: str | Path, ev: config.EvalConfig
     from preftune import judges
     from preftune.data import load_pairs
 
+    if judge_cfg.name and ev.prompts == 0:
+        raise ValueError(f"judge.name={judge_cfg.name!r} judges samples, but eval.prompts=0 samples none")
+    judge = judges.build(judge_cfg) if judge_cfg.name else None  # before any model work: fail fast
     cfg, tok = target.cfg, target.tokenizer
     pairs, report = load_pairs(data_path, tok, cfg.data)
     loss_fn = bind(cfg.loss.name, cfg.loss.beta, cfg.loss.params)
@@ -245,8 +248,8 @@ def evaluate_target(target: Target, data_path: str | Path, ev: config.EvalConfig
         rows = sbs.rows()
         result["kl"] = kl_summary(target.policy, target.reference, sbs.policy, pad_id=tok.pad_token_id,
                                   batch_size=ev.batch_size, **ci)
-        if judge_cfg.name:
-            verdict = judges.judge_samples(judges.build(judge_cfg), sbs, **ci)
+        if judge is not None:
+            verdict = judges.judge_samples(judge, sbs, **ci)
             result["win_rate"] = verdict.summary
             for row, p_score, r_score in zip(rows, verdict.policy_scores, verdict.reference_scores, strict=True):
                 row.update(policy_score=p_score, reference_score=r_score)
