@@ -172,3 +172,12 @@ def test_eval_refuses_an_unopted_code_judge_before_any_work(run, tmp_path, capsy
                    "judge.name=os:system"])
     assert rc == 2 and "judge.allow_code=true" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_defaults_to_the_runs_eval_split_and_prompts_0_skips_sampling(run, tmp_path):
+    cfg, run_dir = run
+    out = tmp_path / "e.json"
+    assert cli.main(["eval", str(run_dir), "--out", str(out), "--quiet", "eval.prompts=0"]) == 0
+    result = json.loads(out.read_text())
+    assert result["data"] == cfg.data.eval and "kl" not in result and "win_rate" not in result
+    assert not (tmp_path / "samples.jsonl").exists()

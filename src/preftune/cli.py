@@ -82,7 +82,10 @@ def _eval(args: argparse.Namespace) -> int:
     from preftune import heldout
 
     target = _target_config(args, [])
-    result, samples = heldout.evaluate_target(target, args.data, target.cfg.eval, target.cfg.judge,
+    data_path = args.data or target.cfg.data.eval
+    if not data_path:
+        raise config.ConfigError("no held-out pairs: pass --data FILE (the run's config has no data.eval)")
+    result, samples = heldout.evaluate_target(target, data_path, target.cfg.eval, target.cfg.judge,
                                               progress=not args.quiet)
     text = json.dumps(result, indent=2)
     print(text)
@@ -156,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "judge.name=length eval.prompts=32",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="run directory (reference rebuilt from its config.yaml) or HF model directory")
-    p.add_argument("--data", required=True, help="held-out preference JSONL")
+    p.add_argument("--data", help="held-out preference JSONL (default: the run's data.eval)")
     p.add_argument("--reference", help="reference model directory (required for a bare model directory)")
     p.add_argument("--out", help="JSON output file (default <run>/eval.json; samples.jsonl beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
