@@ -46,8 +46,10 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _plot(title: str, series: list[tuple[str, str]], rows: list[dict]) -> str | None:
     """A PNG data URI of the series that have values, or None when none has any."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("preftune report draws its plots with matplotlib: pip install 'preftune[logging]'") from None
     matplotlib.use("Agg")  # no display, and no GUI backend imported by a server process
     import matplotlib.pyplot as plt
 
