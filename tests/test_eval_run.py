@@ -9,12 +9,11 @@ from preftune import cli, config, heldout
 from preftune.data import collate, load_pairs
 from preftune.evaluate import sample
 from preftune.logps import sequence_logps
-from preftune.losses import bind
 from preftune.modeling import load_model, load_tokenizer
 from preftune.report import write_report
 from preftune.train import train
 
-from .conftest import EXAMPLE_PAIRS, read_metrics, tiny_config
+from .conftest import EXAMPLE_PAIRS, REPO, read_metrics, tiny_config
 
 STEPS, EVAL_EVERY = 12, 6
 SAMPLING = {"prompts": 4, "max_new_tokens": 6, "batch_size": 4}
@@ -31,7 +30,7 @@ def test_eval_reference_is_the_starting_model_never_the_trained_policy(run):
     cfg, run_dir = run
     target = heldout.load_target(run_dir)
     pairs, _ = load_pairs(EXAMPLE_PAIRS, target.tokenizer, cfg.data)
-    loss_fn = bind(cfg.loss.name, cfg.loss.beta, cfg.loss.params)
+    loss_fn = heldout.pair_loss(cfg)
     scored = heldout.score_pairs(target.policy, target.reference, pairs, loss_fn=loss_fn,
                                  pad_id=target.tokenizer.pad_token_id, batch_size=5)
     start = load_model(cfg.model, load_tokenizer(cfg.model), seed=cfg.train.seed).eval()
@@ -123,7 +122,7 @@ def test_in_training_eval_rows_match_offline_eval_of_the_export(run):
     target = heldout.load_target(run_dir)
     pairs, _ = load_pairs(cfg.data.eval, target.tokenizer, cfg.data)
     scored = heldout.score_pairs(target.policy, target.reference, pairs, pad_id=target.tokenizer.pad_token_id,
-                                 loss_fn=bind(cfg.loss.name, cfg.loss.beta, cfg.loss.params), batch_size=3)
+                                 loss_fn=heldout.pair_loss(cfg), batch_size=3)
     for key in heldout.PAIR_KEYS:
         assert evaluated[-1][f"eval/{key}"] == pytest.approx(scored[key].mean().item(), rel=1e-4, abs=1e-5), key
 
@@ -181,3 +180,19 @@ def test_eval_defaults_to_the_runs_eval_split_and_prompts_0_skips_sampling(run, 
     result = json.loads(out.read_text())
     assert result["data"] == cfg.data.eval and "kl" not in result and "win_rate" not in result
     assert not (tmp_path / "samples.jsonl").exists()
+
+
+@pytest.mark.parametrize("loss, train_file", [
+    ({"name": "kto"}, REPO / "tests" / "fixtures" / "unpaired.jsonl"),  # unpaired: held-out pairs scored as DPO
+    ({"name": "dpo", "weighting": "wpo", "ld_alpha": 0.5}, EXAMPLE_PAIRS),  # per-token modifiers
+    ({"name": "bco_pair"}, EXAMPLE_PAIRS),  # running state
+    ({"name": "simpo"}, EXAMPLE_PAIRS),  # reference-free: no reference, no KL
+])
+def test_in_training_eval_scores_held_out_pairs_for_every_kind_of_loss(tiny, loss, train_file):
+    run_dir = train(tiny(loss=loss, data={"train": str(train_file), "eval": str(EXAMPLE_PAIRS)},
+                         train={"max_steps": 2, "eval_every": 1}, eval={"prompts": 2, "max_new_tokens": 3}))
+    rows = read_metrics(run_dir)
+    for r in rows:
+        assert all(r[f"eval/{k}"] == r[f"eval/{k}"] for k in heldout.PAIR_KEYS)  # present, not NaN
+        assert 0.0 <= r["eval/rewards/accuracies"] <= 1.0
+        assert ("eval/kl" in r) == (loss["name"] != "simpo")

@@ -19,7 +19,7 @@ from preftune import config
 from preftune.data import TokenizedPair, collate
 from preftune.evaluate import Samples, bootstrap_ci, per_prompt_mean, sample, sequence_kl
 from preftune.logps import sequence_logps
-from preftune.losses import Logps, bind
+from preftune.losses import BoundLoss, bind, pair_logps
 from preftune.modeling import load_model, load_tokenizer
 
 # per-pair quantities `score_pairs` returns, in the order the loop logs them
@@ -84,6 +84,13 @@ def load_target(path: str | Path, reference: str | Path | None = None) -> Target
     return Target(cfg, tokenizer, policy, ref_model, run_dir)
 
 
+def pair_loss(cfg: config.Config) -> BoundLoss:
+    """The loss whose rewards and value held-out pairs are scored with: the run's own, with its modifiers;
+    for an unpaired loss (KTO) DPO with the run's beta, whose implicit reward beta * log-ratio is KTO's too."""
+    loss_fn = bind(cfg.loss)
+    return bind("dpo", cfg.loss.beta) if loss_fn.unpaired else loss_fn
+
+
 def shard_for_rank(items: list[T], rank: int, world: int, batch_size: int) -> tuple[list[T], torch.Tensor]:
     """This rank's items (pairs or prompts), padded so every rank runs the same number of batches, and their
     weights (n,): 1 for its own items, 0 for padding.
@@ -137,22 +144,24 @@ def score_pairs(policy: torch.nn.Module, reference: torch.nn.Module | None, pair
     """Per-pair loss, implicit rewards, accuracy, margins and log-probs: each (N,) float32 on `device`.
 
     Rewards are what the run's loss calls its rewards (beta * log-ratio for DPO), so held-out numbers read
-    like the training rows. With a reference, its log-probs come too (`ref_logps/...`).
+    like the training rows. With a reference, its log-probs come too (`ref_logps/...`). A loss with running
+    state (BCO's reward shift) is scored with the state at its start (shift 0).
     """
     was_training = policy.training
     policy.eval()
     out: dict[str, list[torch.Tensor]] = {k: [] for k in PAIR_KEYS + (REF_KEYS if reference is not None else ())}
     for start in range(0, len(pairs), batch_size):
         batch = collate(pairs[start:start + batch_size], pad_id).to(device)
-        chosen, rejected = sequence_logps(policy, batch).halves()
+        tokens = dict(with_tokens=loss_fn.needs_token_logps)  # LD-DPO and WPO read per-token log-probs
+        chosen, rejected = sequence_logps(policy, batch, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()
         ref_chosen = ref_rejected = None
         if reference is not None:
-            ref_chosen, ref_rejected = (h.logps for h in sequence_logps(reference, batch).halves())
-            out["ref_logps/chosen"].append(ref_chosen)
-            out["ref_logps/rejected"].append(ref_rejected)
-        lo = loss_fn(Logps(chosen.logps, rejected.logps, chosen.lengths, rejected.lengths, ref_chosen, ref_rejected))
+            ref_chosen, ref_rejected = sequence_logps(reference, batch, **tokens).halves()
+            out["ref_logps/chosen"].append(ref_chosen.logps)
+            out["ref_logps/rejected"].append(ref_rejected.logps)
+        lo = loss_fn(pair_logps(chosen, rejected, ref_chosen, ref_rejected))
         for key, value in zip(PAIR_KEYS, (
-                lo.losses, lo.chosen_rewards, lo.rejected_rewards, (lo.chosen_rewards > lo.rejected_rewards).float(),
+                lo.losses, lo.chosen_rewards, lo.rejected_rewards, lo.accuracies().float(),
                 lo.chosen_rewards - lo.rejected_rewards, chosen.logps, rejected.logps, chosen.mean_logits,
                 rejected.mean_logits), strict=True):
             out[key].append(value)
@@ -234,7 +243,7 @@ def evaluate_target(target: Target, data_path: str | Path, ev: config.EvalConfig
     judge = judges.build(judge_cfg) if judge_cfg.name else None  # before any model work: fail fast
     cfg, tok = target.cfg, target.tokenizer
     pairs, report = load_pairs(data_path, tok, cfg.data)
-    loss_fn = bind(cfg.loss.name, cfg.loss.beta, cfg.loss.params)
+    loss_fn = pair_loss(cfg)
     per_pair = score_pairs(target.policy, target.reference, pairs, loss_fn=loss_fn, pad_id=tok.pad_token_id,
                            batch_size=ev.batch_size)
     ci = {"level": ev.level, "n_boot": ev.n_boot, "seed": ev.seed}
