@@ -51,7 +51,7 @@ def train(cfg: Config) -> Path:
 
     # --- data ---
     tokenizer = load_tokenizer(cfg.model)
-    pairs, report = data.load_pairs(cfg.data.train, tokenizer, cfg.data)
+    pairs, report = data.load_pairs(cfg.data.train, tokenizer, cfg.data, cache_dir=data.cache_dir_for(cfg))
     say(report.summary())
     if accelerator.is_main_process:
         checkpoint.write_json(run_dir / "data_report.json", vars(report))
