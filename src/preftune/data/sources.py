@@ -57,7 +57,7 @@ def _jsonl(path: str) -> Iterator[Row]:
                 continue
             where = f"{path}:{lineno}"
             try:
-                yield where, _object(where, json.loads(line))
+                yield where, _object(where, json.loads(line.rstrip("\r\n")))
             except json.JSONDecodeError as err:
                 yield where, RecordProblem(where, "record", f"not valid JSON ({err.msg} at column {err.colno})",
                                            "invalid JSON")
