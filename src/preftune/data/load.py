@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,8 @@ class PairStore:
 
         def flush() -> None:  # lists of Python ints -> one int32 array per chunk
             for role in cls.ROLES:
-                parts[role].append(np.fromiter((t for ids in pending[role] for t in ids), dtype=np.int32))
+                count = sum(map(len, pending[role]))
+                parts[role].append(np.fromiter(chain.from_iterable(pending[role]), dtype=np.int32, count=count))
                 pending[role].clear()
 
         for prompt_ids, chosen_ids, rejected_ids, source in pairs:

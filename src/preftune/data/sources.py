@@ -83,8 +83,19 @@ def _json(path: str) -> Iterator[Row]:
         yield f"{path}:{i}", _object(f"{path}:{i}", item)
 
 
+def _optional(module: str, what: str):
+    """Import a package only some formats need, or say which one to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"reading {what} needs the {module.split('.')[0]!r} package: pip install "
+                        f"{module.split('.')[0]}") from None
+
+
 def _parquet(path: str) -> Iterator[Row]:
-    import pyarrow.parquet as pq
+    pq = _optional("pyarrow.parquet", "Parquet")
 
     try:
         parquet = pq.ParquetFile(path)
@@ -132,7 +143,7 @@ def _csv(path: str) -> Iterator[Row]:
 
 def open_dataset(source: str, split: str):
     """A `datasets.Dataset`: a directory saved with save_to_disk, or a hub name (needs a network)."""
-    import datasets
+    datasets = _optional("datasets", "HF datasets")
 
     try:
         if Path(source).is_dir():
