@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from conftest import EXAMPLE_PAIRS, FIXTURES
-
 from preftune.cli import main
+
+from .conftest import EXAMPLE_PAIRS, FIXTURES
 
 
 def run(capsys, *argv: str) -> tuple[int, str]:
@@ -18,7 +18,7 @@ def test_clean_file_passes_with_counts_and_percentiles(capsys):
     assert status == 0
     lines = out.splitlines()
     assert lines[0] == f"source: {EXAMPLE_PAIRS} (format jsonl, shape pairs)"
-    assert lines[1] == "records: 16 read, 16 usable, 0 invalid, 0 left out by settings"
+    assert lines[1] == "records: 16 read, 16 usable, 0 invalid, 0 skipped (no preference, or left out by a setting)"
     assert lines[2].split() == ["tokens", "p50", "p90", "p95", "p99", "max"]
     # byte tokenizer: prompt tokens = 1 BOS + its bytes; the longest prompt has 30 bytes
     prompt_row = next(line for line in lines if line.strip().startswith("prompt"))
@@ -38,13 +38,13 @@ def test_invalid_records_fail_the_check_and_are_listed(capsys):
     bad = FIXTURES / "bad.jsonl"
     status, out = run(capsys, str(bad), "--model", "bytes", "--show", "3")
     assert status == 1
-    assert "records: 9 read, 2 usable, 7 invalid, 0 left out by settings" in out
+    assert "records: 9 read, 2 usable, 6 invalid, 1 skipped (no preference" in out
     assert "duplicates: 1   chosen == rejected: 1   empty responses: 1" in out
     assert out.splitlines()[-4:] == [
-        "invalid records (first 3 of 7):",
+        "invalid records (first 3 of 6):",
         f"  {bad}:2: record: not valid JSON (Expecting ',' delimiter at column 42)",
         f"  {bad}:3: rejected: missing (keys present: ['chosen', 'prompt'])",
-        f"  {bad}:4: chosen: equals 'rejected': no preference",
+        f"  {bad}:5: chosen: is empty",
     ]
 
 
@@ -52,7 +52,7 @@ def test_settings_that_leave_records_out_do_not_fail_the_check(capsys):
     status, out = run(capsys, str(FIXTURES / "shp.jsonl"), "--model", "bytes", "data.fields={prompt: history, "
                       "response_a: human_ref_A, response_b: human_ref_B, score_a: score_A, score_b: score_B}")
     assert status == 0
-    assert "records: 4 read, 2 usable, 0 invalid, 2 left out by settings" in out
+    assert "records: 4 read, 2 usable, 0 invalid, 2 skipped" in out
     assert "score ratio below minimum: 1, score tie: 1" in out
 
 

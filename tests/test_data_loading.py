@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import EXAMPLE_PAIRS, FIXTURES
 
 from preftune import data
 from preftune.config import DataConfig
 from preftune.data import load as load_module
 from preftune.modeling import byte_tokenizer
+
+from .conftest import EXAMPLE_PAIRS, FIXTURES
 
 BAD = FIXTURES / "bad.jsonl"
 BAD_PROBLEMS = [
@@ -29,11 +30,19 @@ def tok():
     return byte_tokenizer()
 
 
+def test_invalid_records_stop_the_load_listing_them(tok):
+    with pytest.raises(data.DataError) as err:
+        data.load_pairs(BAD, tok, DataConfig())
+    assert str(err.value).startswith(f"{BAD}: 6 invalid record(s) of 9: {BAD_PROBLEMS[0]}; {BAD_PROBLEMS[1]}; "
+                                     f"{BAD_PROBLEMS[3]}; ")
+    assert "data.skip_invalid=true trains on the rest" in str(err.value)
+
+
 def test_every_bad_record_is_reported_with_its_place_and_reason(tok):
-    pairs, report = data.load_pairs(BAD, tok, DataConfig())
+    pairs, report = data.load_pairs(BAD, tok, DataConfig(skip_invalid=True))
     assert [p.source for p in pairs] == [f"{BAD}:1", f"{BAD}:7"]
     assert report.skipped == BAD_PROBLEMS
-    assert (report.records, report.used, report.invalid, report.duplicates) == (9, 2, 7, 1)
+    assert (report.records, report.used, report.invalid, report.duplicates) == (9, 2, 6, 1)
     assert report.records == report.used + len(report.skipped)  # every record accounted for
     assert report.reasons == {"invalid JSON": 1, "missing field": 1, "chosen == rejected": 1, "empty response": 1,
                               "wrong type": 1, "not an object": 1, "bad message": 1}
@@ -58,7 +67,7 @@ def test_strict_read_jsonl_stops_at_the_first_bad_record():
 def test_training_run_writes_the_report_into_the_run_directory(tiny):
     from preftune.train import train
 
-    run_dir = train(tiny(data={"train": str(BAD)}, train={"max_steps": 1, "batch_size": 2}))
+    run_dir = train(tiny(data={"train": str(BAD), "skip_invalid": True}, train={"max_steps": 1, "batch_size": 2}))
     report = json.loads((run_dir / "data_report.json").read_text())
     assert report["used"] == 2 and report["skipped"] == BAD_PROBLEMS
 

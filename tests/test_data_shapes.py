@@ -6,11 +6,12 @@ import csv
 import json
 
 import pytest
-from conftest import EXAMPLE_PAIRS, FIXTURES
 
 from preftune import data
 from preftune.config import DataConfig
 from preftune.modeling import byte_tokenizer
+
+from .conftest import EXAMPLE_PAIRS, FIXTURES
 
 # a ChatML template for the byte tokenizer (it has none of its own)
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<eos>\n{% endfor %}"
@@ -67,8 +68,10 @@ def test_implicit_prompt_is_the_shared_start(tok):
 
 
 def test_anthropic_hh_text(tok):
-    pairs, report = data.load_pairs(FIXTURES / "hh.jsonl", tok, DataConfig())
-    assert (report.shape, report.records, report.used) == ("hh", 2, 1)
+    with pytest.raises(data.DataError, match="hh.jsonl:2: rejected: does not start with the same conversation"):
+        data.load_pairs(FIXTURES / "hh.jsonl", tok, DataConfig())
+    pairs, report = data.load_pairs(FIXTURES / "hh.jsonl", tok, DataConfig(skip_invalid=True))
+    assert (report.shape, report.records, report.used, report.invalid) == ("hh", 2, 1, 1)
     prompt = text_of(tok, pairs[0].prompt_ids)
     assert prompt.startswith("<bos>\n\nHuman: Hi") and prompt.endswith("\n\nHuman: Sourdough.\n\nAssistant:")
     assert text_of(tok, pairs[0].chosen_ids) == " Start with an active starter.<eos>"

@@ -79,6 +79,9 @@ class DataConfig:
     """Which end of an over-long prompt survives: keep_end (the words nearest the response) or keep_start."""
     drop_long: bool = False
     """Drop pairs longer than max_length instead of truncating them (each reported)."""
+    skip_invalid: bool = False
+    """Train on the valid records of a source that has malformed ones (each skipped one is reported). Off:
+    loading stops with the list of invalid records (`preftune data check` shows them all)."""
     group_by_length: bool = True
     """Batch pairs of similar length together (shuffled within windows) so little compute goes to padding."""
     cache: bool = True
@@ -163,7 +166,7 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     for stmt, nxt in zip(body, body[1:], strict=False):
         if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[stmt.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+            docs[stmt.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
     return docs
 
 

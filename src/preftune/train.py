@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def lr_factor(step: int, total: int, optim: OptimConfig) -> float:
 
 def train(cfg: Config) -> Path:
     """Train the policy the config describes; returns the run directory (export in `final/`)."""
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    # Accelerate only runs several CPU processes (gloo) when told the run is on CPU
+    cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only)
     set_seed(cfg.train.seed)
     run_dir = checkpoint.prepare_run_dir(cfg, accelerator)
     say = accelerator.print

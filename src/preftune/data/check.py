@@ -17,7 +17,7 @@ PERCENTILES = (50, 90, 95, 99, 100)
 
 def check(source: str, tokenizer, cfg: DataConfig, show: int = 10) -> tuple[str, int]:
     """A readable report on `source` under the settings in `cfg`, and the exit status: 1 when any record is
-    invalid (malformed, empty, chosen == rejected, unrenderable), else 0."""
+    invalid (malformed, empty, unrenderable by the chat template), else 0."""
     report = LoadReport(source)
     lengths = {name: array("i") for name in ("prompt", "chosen", "rejected", "completion", "pair")}
     truncated = prompt_cut = desirable = undesirable = 0
@@ -39,7 +39,7 @@ def check(source: str, tokenizer, cfg: DataConfig, show: int = 10) -> tuple[str,
     fmt = cfg.format if cfg.format != "auto" else detect_format(source)
     lines = [f"source: {source} (format {fmt}, shape {report.shape or cfg.shape})",
              f"records: {report.records} read, {usable} usable, {report.invalid} invalid, "
-             f"{len(report.skipped) - report.invalid} left out by settings"
+             f"{len(report.skipped) - report.invalid} skipped (no preference, or left out by a setting)"
              + (" (stopped at data.max_samples)" if report.max_samples_reached else "")]
     if desirable or undesirable:
         lines.append(f"labels: {desirable} desirable, {undesirable} undesirable")

@@ -275,11 +275,20 @@ def cache_dir_for(cfg) -> Path | None:
     return Path(cfg.data.cache_dir or os.environ.get("PREFTUNE_CACHE") or Path(cfg.train.output_dir) / ".cache")
 
 
+def refuse_invalid(report: LoadReport, cfg: DataConfig) -> None:
+    """Malformed records stop the load (all of them counted, the first few listed) unless data.skip_invalid."""
+    if report.invalid and not cfg.skip_invalid:
+        listed = "; ".join(report.first_invalid[:5]) + ("; ..." if report.invalid > 5 else "")
+        raise DataError(f"{report.path}: {report.invalid} invalid record(s) of {report.records}: {listed} "
+                        "(`preftune data check` lists them all; data.skip_invalid=true trains on the rest)")
+
+
 def load_pairs(source: str | Path, tokenizer, cfg: DataConfig, *, part: str = "train",
                cache_dir: str | Path | None = None) -> tuple[PairStore, LoadReport]:
     """Read, validate and tokenise a preference source. Every record ends up used (maybe truncated), held out
-    for eval (part='train' with eval_fraction), or skipped with its reason in the report; only a source with
-    no usable pair at all is an error. With cache_dir, the result is cached (see cache_path)."""
+    for eval (part='train' with eval_fraction), or skipped with its reason in the report. Malformed records
+    are an error listing them, unless data.skip_invalid; so is a source with no usable pair at all. With
+    cache_dir, the result is cached (see cache_path)."""
     source = str(source)
     # the eval source reads its own split; eval records held out of the train source come from train's
     split = cfg.eval_split if part == "eval" and source == cfg.eval else cfg.split
@@ -300,6 +309,7 @@ def load_pairs(source: str | Path, tokenizer, cfg: DataConfig, *, part: str = "t
 
     store = PairStore.build(pairs())
     report.used = len(store)
+    refuse_invalid(report, cfg)
     if not len(store):
         raise DataError(f"{source}: no usable pairs ({report.summary()})")
     if path is not None:
@@ -322,6 +332,7 @@ def load_unpaired(source: str | Path, tokenizer, cfg: DataConfig, *, part: str =
             if fitted is not None:
                 out.append(TokenizedUnpaired(fitted[0], fitted[1][0], label, rec.source))
     report.used = len(out)
+    refuse_invalid(report, cfg)
     if not out:
         raise DataError(f"{source}: no usable records ({report.summary()})")
     return out, report

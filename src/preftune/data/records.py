@@ -32,8 +32,9 @@ class DataError(ValueError):
 
 
 class RecordProblem(DataError):
-    """One record can't be used. `invalid` problems are defects in the data (`data check` fails on them);
-    the others are records left out by a setting (e.g. a score ratio below data.min_score_ratio)."""
+    """One record can't be used. `invalid` problems are defects in the data (malformed, empty, unrenderable:
+    loading stops on them unless data.skip_invalid, and `data check` fails); the others are records that carry
+    no preference (chosen == rejected, a score tie) or are left out by a setting (data.min_score_ratio)."""
 
     def __init__(self, where: str, field: str, problem: str, kind: str, invalid: bool = True):
         super().__init__(f"{where}: {field}: {problem}")
@@ -227,7 +228,8 @@ def to_record(row: dict[str, Any], shape: str, where: str, min_score_ratio: floa
     elif shape in ("implicit", "hh"):
         full_chosen, full_rejected = _text(row, "chosen", where, "user"), _text(row, "rejected", where, "user")
         if full_chosen == full_rejected:
-            raise RecordProblem(where, "chosen", "equals 'rejected': no preference", "chosen == rejected")
+            raise RecordProblem(where, "chosen", "equals 'rejected': no preference", "chosen == rejected",
+                                invalid=False)
         split = _split_hh if shape == "hh" else _split_implicit
         prompt, chosen, rejected = split(where, full_chosen, full_rejected)
     elif shape == "scored":
@@ -251,7 +253,8 @@ def to_record(row: dict[str, Any], shape: str, where: str, min_score_ratio: floa
     prompt, parts = _unify(where, prompt, chosen=chosen, rejected=rejected)
     _check_responses(where, **parts)
     if parts["chosen"] == parts["rejected"]:
-        raise RecordProblem(where, "chosen", "equals 'rejected': no preference", "chosen == rejected")
+        raise RecordProblem(where, "chosen", "equals 'rejected': no preference", "chosen == rejected",
+                            invalid=False)
     return PairRecord(prompt, parts["chosen"], parts["rejected"], where)
 
 
