@@ -114,7 +114,7 @@ def test_training_reuses_the_cache_under_the_output_dir(tiny):
 def test_pair_store_reads_like_a_list(tok):
     store, _ = data.load_pairs(EXAMPLE_PAIRS, tok, DataConfig())
     listed = [data.tokenize_pair(r, tok, DataConfig())[0] for r in data.read_jsonl(EXAMPLE_PAIRS)]
-    assert list(store) == listed and store[-1] == listed[-1]
+    assert list(store) == listed and store[-1] == listed[-1] and store[2:5] == listed[2:5]
     assert store.lengths == [p.length for p in listed]
     assert store.arrays["chosen_ids"].dtype.name == "int32"
     with pytest.raises(IndexError):

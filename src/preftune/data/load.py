@@ -10,10 +10,11 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
@@ -81,7 +82,7 @@ class LoadReport:
         return s
 
 
-class PairStore:
+class PairStore(Sequence[TokenizedPair]):
     """Tokenised pairs as three flat int32 arrays + offsets: ~4 bytes a token instead of ~36 for lists of
     Python ints. Indexing materialises one TokenizedPair, so it reads like a list of them."""
 
@@ -97,7 +98,14 @@ class PairStore:
         offsets = self.arrays[f"{role}_offsets"]
         return self.arrays[f"{role}_ids"][offsets[i]:offsets[i + 1]].tolist()
 
-    def __getitem__(self, i: int) -> TokenizedPair:
+    @overload
+    def __getitem__(self, i: int) -> TokenizedPair: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[TokenizedPair]: ...
+
+    def __getitem__(self, i: int | slice) -> TokenizedPair | list[TokenizedPair]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
