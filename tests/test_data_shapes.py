@@ -201,3 +201,23 @@ def test_drop_long_drops_and_reports(tok):
     assert report.skipped[0].endswith("tokens > data.max_length 60 (data.drop_long)")
     assert report.truncated == 0 and len(truncating) == 16
     assert all(p.length <= 60 for p in pairs)
+
+
+def test_hub_names_go_through_datasets_load_dataset(monkeypatch, tok):
+    import datasets
+
+    rows = [json.loads(line) for line in EXAMPLE_PAIRS.read_text().splitlines()][:3]
+    calls = []
+
+    def fake_load_dataset(name, split):  # stands in for the hub, which tests can't reach
+        calls.append((name, split))
+        if name != "someone/prefs":
+            raise ConnectionError(f"Couldn't reach {name!r} on the Hub")
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    pairs, report = data.load_pairs("someone/prefs", tok, DataConfig(split="train_prefs"))
+    assert calls == [("someone/prefs", "train_prefs")] and report.used == 3
+    assert pairs[2].source == "someone/prefs[train_prefs]:3"
+    with pytest.raises(data.DataError, match=r"^other/missing: can't open as a HF dataset \(ConnectionError"):
+        data.load_pairs("other/missing", tok, DataConfig())
