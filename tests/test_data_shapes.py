@@ -102,14 +102,17 @@ def test_unpaired_binary_feedback(tok):
     cfg = DataConfig(chat_template=CHATML)
     records, report = data.load_unpaired(FIXTURES / "unpaired.jsonl", tok, cfg)
     assert (report.shape, report.used) == ("unpaired", 3)
-    assert [r.label for r in records] == [True, False, True]
+    assert [r.desirable for r in records] == [True, False, True]
     assert text_of(tok, records[1].completion_ids) == "Weather is weather.<eos>"
     assert text_of(tok, records[2].prompt_ids) == "<|im_start|>user\nGreet me.<eos>\n<|im_start|>assistant\n"
     with pytest.raises(data.DataError, match="unpaired"):
         data.load_pairs(FIXTURES / "unpaired.jsonl", tok, cfg)
+    assert [r.label for r in data.read_unpaired_jsonl(FIXTURES / "unpaired.jsonl")] == [True, False, True]
+    with pytest.raises(data.DataError, match=r"pairs.jsonl:1: completion: missing"):
+        data.read_unpaired_jsonl(EXAMPLE_PAIRS)
     # paired data feeds the same reader: chosen is desirable, rejected undesirable
     records, _ = data.load_unpaired(EXAMPLE_PAIRS, tok, cfg)
-    assert len(records) == 32 and [r.label for r in records[:2]] == [True, False]
+    assert len(records) == 32 and [r.desirable for r in records[:2]] == [True, False]
     assert records[0].prompt_ids == records[1].prompt_ids
 
 
@@ -221,3 +224,12 @@ def test_hub_names_go_through_datasets_load_dataset(monkeypatch, tok):
     assert pairs[2].source == "someone/prefs[train_prefs]:3"
     with pytest.raises(data.DataError, match=r"^other/missing: can't open as a HF dataset \(ConnectionError"):
         data.load_pairs("other/missing", tok, DataConfig())
+
+
+def test_chat_template_from_a_file(tmp_path, tok):
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    pairs, _ = data.load_pairs(FIXTURES / "implicit.jsonl", tok, DataConfig(chat_template=str(template)))
+    assert text_of(tok, pairs[0].chosen_ids) == "It makes things wet.<eos>"
+    with pytest.raises(data.DataError, match="neither a Jinja template nor a file"):
+        data.load_pairs(FIXTURES / "implicit.jsonl", tok, DataConfig(chat_template=str(tmp_path / "nope.jinja")))

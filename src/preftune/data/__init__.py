@@ -41,8 +41,24 @@ def read_jsonl(path: str | Path) -> list[PairRecord]:
     return records
 
 
+def read_unpaired_jsonl(path: str | Path) -> list[UnpairedRecord]:
+    """Strictly read {"prompt", "completion", "label"} JSONL (KTO): the first bad record is an error naming
+    file:line: field (load_unpaired instead skips and reports bad records when data.skip_invalid)."""
+    records = []
+    for where, row in read_rows(str(path), "jsonl"):
+        if isinstance(row, RecordProblem):
+            raise row
+        record = to_record(row, "unpaired", where, min_score_ratio=1.0)
+        assert isinstance(record, UnpairedRecord)
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
 __all__ = [
     "IGNORE", "Batch", "DataError", "LoadReport", "PairRecord", "PairStore", "RecordProblem", "TokenizedPair",
     "TokenizedUnpaired", "UnpairedRecord", "batch_stream", "cache_dir_for", "collate", "encode_prompt",
-    "encode_response", "load_pairs", "load_unpaired", "read_jsonl", "render_chat", "steps_for", "tokenize_pair",
+    "encode_response", "load_pairs", "load_unpaired", "read_jsonl", "read_unpaired_jsonl", "render_chat",
+    "steps_for", "tokenize_pair",
 ]

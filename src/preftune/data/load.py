@@ -151,12 +151,12 @@ def chat_template_of(cfg: DataConfig) -> str | None:
     """data.chat_template: a .jinja file's text, the template itself, or None for the tokenizer's own."""
     if not cfg.chat_template:
         return None
+    if "{{" in cfg.chat_template or "{%" in cfg.chat_template:
+        return cfg.chat_template  # Jinja text; a file name never holds these
     path = Path(cfg.chat_template)
-    if path.suffix in (".jinja", ".j2", ".txt") or (len(cfg.chat_template) < 300 and path.is_file()):
-        if not path.is_file():
-            raise DataError(f"data.chat_template: no such file {cfg.chat_template!r}")
-        return path.read_text()
-    return cfg.chat_template
+    if not path.is_file():
+        raise DataError(f"data.chat_template: {cfg.chat_template!r} is neither a Jinja template nor a file")
+    return path.read_text()
 
 
 def _eval_side(key: str, fraction: float) -> bool:

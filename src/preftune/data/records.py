@@ -141,7 +141,7 @@ def _check_responses(where: str, **responses: Text) -> None:
             raise RecordProblem(where, name, "is empty", "empty response")
 
 
-def _unify(where: str, prompt: Text, **responses: Text) -> tuple[Text, dict[str, Text]]:
+def _unify(prompt: Text, **responses: Text) -> tuple[Text, dict[str, Text]]:
     """All plain text, or all messages: a string prompt becomes a user turn, a string response an
     assistant turn, as soon as any part of the record is conversational."""
     if all(isinstance(v, str) for v in (prompt, *responses.values())):
@@ -218,7 +218,7 @@ def _label(row: dict[str, Any], where: str) -> bool:
 def to_record(row: dict[str, Any], shape: str, where: str, min_score_ratio: float) -> PairRecord | UnpairedRecord:
     """One row of a source in `shape` -> a record, or a RecordProblem saying why not."""
     if shape == "unpaired":
-        prompt, parts = _unify(where, _text(row, "prompt", where, "user"),
+        prompt, parts = _unify(_text(row, "prompt", where, "user"),
                                completion=_text(row, "completion", where, "assistant"))
         _check_responses(where, **parts)
         return UnpairedRecord(prompt, parts["completion"], _label(row, where), where)
@@ -250,7 +250,7 @@ def to_record(row: dict[str, Any], shape: str, where: str, min_score_ratio: floa
         rejected = responses["response_b" if first else "response_a"]
     else:
         raise DataError(f"unknown data shape {shape!r}; choose from {list(SHAPES)}")
-    prompt, parts = _unify(where, prompt, chosen=chosen, rejected=rejected)
+    prompt, parts = _unify(prompt, chosen=chosen, rejected=rejected)
     _check_responses(where, **parts)
     if parts["chosen"] == parts["rejected"]:
         raise RecordProblem(where, "chosen", "equals 'rejected': no preference", "chosen == rejected",

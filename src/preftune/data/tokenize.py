@@ -31,8 +31,8 @@ class TokenizedPair:
 class TokenizedUnpaired:
     prompt_ids: list[int]
     completion_ids: list[int]
-    label: bool
-    """True: a desirable completion; False: an undesirable one."""
+    desirable: bool
+    """The record's label: True, a desirable completion; False, an undesirable one."""
     source: str
 
     @property
