@@ -59,7 +59,7 @@ def test_settings_that_leave_records_out_do_not_fail_the_check(capsys):
 def test_chat_data_with_a_real_tokenizer_directory(capsys, smollm2_dir):
     status, out = run(capsys, str(FIXTURES / "conversational.jsonl"), "--model", str(smollm2_dir))
     assert status == 0 and "records: 3 read, 3 usable" in out
-    status, out = run(capsys, str(FIXTURES / "unpaired.jsonl"), "--model", str(smollm2_dir))
+    status, out = run(capsys, str(FIXTURES / "unpaired_mixed.jsonl"), "--model", str(smollm2_dir))
     assert status == 0 and "labels: 2 desirable, 1 undesirable" in out and "completion" in out
 
 

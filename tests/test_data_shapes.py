@@ -100,14 +100,14 @@ def test_scored_pairs_keep_those_above_the_score_ratio(tok):
 
 def test_unpaired_binary_feedback(tok):
     cfg = DataConfig(chat_template=CHATML)
-    records, report = data.load_unpaired(FIXTURES / "unpaired.jsonl", tok, cfg)
+    records, report = data.load_unpaired(FIXTURES / "unpaired_mixed.jsonl", tok, cfg)
     assert (report.shape, report.used) == ("unpaired", 3)
     assert [r.desirable for r in records] == [True, False, True]
     assert text_of(tok, records[1].completion_ids) == "Weather is weather.<eos>"
     assert text_of(tok, records[2].prompt_ids) == "<|im_start|>user\nGreet me.<eos>\n<|im_start|>assistant\n"
     with pytest.raises(data.DataError, match="unpaired"):
-        data.load_pairs(FIXTURES / "unpaired.jsonl", tok, cfg)
-    assert [r.label for r in data.read_unpaired_jsonl(FIXTURES / "unpaired.jsonl")] == [True, False, True]
+        data.load_pairs(FIXTURES / "unpaired_mixed.jsonl", tok, cfg)
+    assert [r.label for r in data.read_unpaired_jsonl(FIXTURES / "unpaired_mixed.jsonl")] == [True, False, True]
     with pytest.raises(data.DataError, match=r"pairs.jsonl:1: completion: missing"):
         data.read_unpaired_jsonl(EXAMPLE_PAIRS)
     # paired data feeds the same reader: chosen is desirable, rejected undesirable

@@ -1,4 +1,4 @@
-"""Tokenised pairs -> a deterministic, resumable stream of padded (2B, T) batches."""
+"""Tokenised pairs (or unpaired completions) -> a deterministic, resumable stream of padded batches."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from preftune.data.tokenize import TokenizedPair
+from preftune.data.records import DataError
+from preftune.data.tokenize import TokenizedPair, TokenizedUnpaired
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -67,9 +68,8 @@ class Batch:
                      self.sources)
 
 
-def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> Batch:
-    """Right-padded (2B, T) rows: [prompt+chosen for each pair] + [prompt+rejected for each pair]."""
-    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+def _collate_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, sources: list[str]) -> Batch:
+    """Right-padded rows of prompt+response with labels on the response only."""
     width = max(len(a) + len(b) for a, b in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -79,4 +79,41 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> Batch:
         input_ids[r, :n] = torch.tensor(prompt + response)
         labels[r, len(prompt):n] = torch.tensor(response)
         attention_mask[r, :n] = 1
-    return Batch(input_ids, attention_mask, labels, [p.source for p in pairs])
+    return Batch(input_ids, attention_mask, labels, sources)
+
+
+def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> Batch:
+    """Right-padded (2B, T) rows: [prompt+chosen for each pair] + [prompt+rejected for each pair]."""
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    return _collate_rows(rows, pad_id, [p.source for p in pairs])
+
+
+# --- unpaired completions (KTO) ---
+
+@dataclass
+class UnpairedBatch:
+    matched: Batch
+    """(B, T) rows prompt_i + completion_i"""
+    mismatched: Batch
+    """(B, T') rows prompt_i + completion_{i-1}: KTO's KL estimate, scored without gradient"""
+    desirable: Tensor
+    """(B,) bool"""
+
+    def to(self, device: torch.device | str) -> UnpairedBatch:
+        return UnpairedBatch(self.matched.to(device), self.mismatched.to(device), self.desirable.to(device))
+
+
+def collate_unpaired(examples: Sequence[TokenizedUnpaired], pad_id: int, max_length: int) -> UnpairedBatch:
+    """Matched rows and mismatched rows: prompt i with the completion of example i-1 (cyclically), the
+    batch-level pairs whose mean log-ratio estimates KL(pi || pi_ref) in KTO (arXiv:2402.01306, Sec. 4)."""
+    if len(examples) < 2:
+        raise DataError("KTO's KL estimate needs at least 2 examples per batch to mismatch completions")
+    examples = list(examples)
+    sources = [e.source for e in examples]
+    matched = _collate_rows([(e.prompt_ids, e.completion_ids) for e in examples], pad_id, sources)
+    shifted = examples[-1:] + examples[:-1]
+    mismatched = _collate_rows(
+        [(e.prompt_ids, s.completion_ids[:max(1, max_length - len(e.prompt_ids))])
+         for e, s in zip(examples, shifted, strict=True)], pad_id, sources)
+    desirable = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
+    return UnpairedBatch(matched, mismatched, desirable)
