@@ -68,3 +68,10 @@ def test_bad_settings_are_one_line_errors(capsys):
     assert "data.fields.question: not a field preftune reads" in capsys.readouterr().err
     assert main(["data", "check", str(FIXTURES / "nope.jsonl"), "--model", "bytes"]) == 2
     assert "nope.jsonl: no such data file" in capsys.readouterr().err
+
+
+def test_settings_and_tokenizer_come_from_a_run_config(capsys):
+    from .conftest import REPO
+
+    status, out = run(capsys, str(EXAMPLE_PAIRS), "--config", str(REPO / "configs" / "tiny.yaml"))
+    assert status == 0 and "over data.max_length=128: 0 would be truncated" in out  # tiny.yaml's setting
