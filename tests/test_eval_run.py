@@ -143,7 +143,7 @@ def test_in_training_eval_without_sampling_logs_pair_metrics_only(tiny):
 
 
 def test_eval_every_without_eval_data_is_a_config_error(tmp_path):
-    with pytest.raises(config.ConfigError, match="data.eval"):
+    with pytest.raises(config.ConfigError, match="data.eval, or data.eval_fraction"):
         tiny_config(tmp_path, train={"eval_every": 5})
 
 
@@ -196,3 +196,11 @@ def test_in_training_eval_scores_held_out_pairs_for_every_kind_of_loss(tiny, los
         assert all(r[f"eval/{k}"] == r[f"eval/{k}"] for k in heldout.PAIR_KEYS)  # present, not NaN
         assert 0.0 <= r["eval/rewards/accuracies"] <= 1.0
         assert ("eval/kl" in r) == (loss["name"] != "simpo")
+
+
+def test_in_training_eval_on_the_records_eval_fraction_holds_out(tiny):
+    run_dir = train(tiny(data={"eval_fraction": 0.25}, train={"max_steps": 2, "eval_every": 2},
+                         eval={"prompts": 2, "max_new_tokens": 3}))
+    held_out = json.loads((run_dir / "data_report.json").read_text())
+    last = read_metrics(run_dir)[-1]
+    assert "eval/loss" in last and "eval/kl" in last, (held_out, last)

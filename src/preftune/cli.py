@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 from preftune import config
 
@@ -80,15 +81,13 @@ def _write_jsonl(path, rows: list[dict]) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from preftune import heldout
 
     target = _target_config(args, [])
-    data_path = args.data or target.cfg.data.eval
+    data_path, part = (args.data, "all") if args.data else heldout.eval_source(target.cfg)
     if not data_path:
-        raise config.ConfigError("no held-out pairs: pass --data FILE (the run's config has no data.eval)")
-    result, samples = heldout.evaluate_target(target, data_path, target.cfg.eval, target.cfg.judge,
+        raise config.ConfigError("no held-out pairs: pass --data SOURCE (the run has no data.eval or eval_fraction)")
+    result, samples = heldout.evaluate_target(target, data_path, target.cfg.eval, target.cfg.judge, part=part,
                                               progress=not args.quiet)
     text = json.dumps(result, indent=2)
     print(text)
@@ -102,8 +101,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from preftune import heldout
 
     flags = {"eval.temperature": args.temperature, "eval.top_p": args.top_p, "eval.max_new_tokens": args.max_new_tokens,
@@ -123,6 +120,25 @@ def _report(args: argparse.Namespace) -> int:
 
     print(write_report(args.run, args.out, max_samples=args.max_samples))
     return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    import yaml
+
+    from preftune.data.check import check
+    from preftune.modeling import load_tokenizer
+
+    raw = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    raw = config.apply_overrides(raw or {}, args.overrides)
+    # only the model and data sections matter here, so a config without loss/optim settings is fine
+    cfg = config.build({k: v for k, v in raw.items() if k in ("model", "data")})
+    config.validate_data(cfg.data)
+    model = cfg.model if not args.model else config.ModelConfig(path=args.model)
+    if not (model.tokenizer or model.path):
+        raise config.ConfigError("data check needs a tokenizer: --model DIR (or 'bytes'), or a --config naming one")
+    text, status = check(args.source, load_tokenizer(model), cfg.data, show=args.show)
+    print(text)
+    return status
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -162,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "judge.name=length eval.prompts=32",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="run directory (reference rebuilt from its config.yaml) or HF model directory")
-    p.add_argument("--data", help="held-out preference JSONL (default: the run's data.eval)")
+    p.add_argument("--data", help="held-out preference source, any format train reads (default: the run's "
+                   "data.eval, or the records its data.eval_fraction held out)")
     p.add_argument("--reference", help="reference model directory (required for a bare model directory)")
     p.add_argument("--out", help="JSON output file (default <run>/eval.json; samples.jsonl beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -193,6 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=50, help="sample rows shown")
     p.set_defaults(func=_report)
 
+    p = sub.add_parser("data", help="inspect preference data (see `preftune data check --help`)")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser(
+        "check", help="counts, token lengths, truncation and every problem of a preference source",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read and tokenise a source as training would, and report: record counts, prompt/response "
+        "token-length percentiles, how many pairs would be truncated or dropped, duplicates, chosen == rejected, "
+        "empty responses, and each invalid record as file:line: field: problem. Exits 1 when any record is "
+        "invalid.\n\nexample:\n  preftune data check examples/pairs.jsonl --model bytes data.max_length=64")
+    p.add_argument("source", help="a .jsonl/.json/.parquet/.csv file, a saved HF dataset directory or a hub name")
+    p.add_argument("--model", default="", help="tokenizer or model directory ('bytes': the built-in tokenizer)")
+    p.add_argument("--config", default=None, help="YAML config to take the data settings (and tokenizer) from")
+    p.add_argument("--show", type=int, default=10, help="how many invalid records to list (default 10)")
+    p.add_argument("overrides", nargs="*", help="dotted data settings, e.g. data.shape=scored data.max_length=256")
+    p.set_defaults(func=_data_check)
+
     p = sub.add_parser("demo", help="offline controlled-sentiment demo on SmolLM2-135M (see --help)",
                        add_help=False)
     p.add_argument("demo_args", nargs=argparse.REMAINDER)
@@ -203,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # argparse binds a trailing `nargs="*"` positional right after the one before it, so dotted overrides
-    # written after options (`eval RUN --data F judge.name=x`) arrive here as leftovers
+    # argparse stops filling a trailing positional list (the dotted overrides) at the first option, so
+    # `eval RUN --data F judge.name=x` leaves them over; take them, and reject anything else as parse_args would
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:

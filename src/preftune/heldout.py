@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -91,13 +92,40 @@ def pair_loss(cfg: config.Config) -> BoundLoss:
     return bind("dpo", cfg.loss.beta) if loss_fn.unpaired else loss_fn
 
 
-def shard_for_rank(items: list[T], rank: int, world: int, batch_size: int) -> tuple[list[T], torch.Tensor]:
+def eval_source(cfg: config.Config) -> tuple[str, str]:
+    """(source, part) of a run's held-out pairs for `data.load_pairs`: `data.eval`, else the records of
+    `data.train` that `data.eval_fraction` holds out; ("", "all") when the run has neither."""
+    if cfg.data.eval:
+        return cfg.data.eval, "eval"
+    if cfg.data.eval_fraction > 0:
+        return cfg.data.train, "eval"
+    return "", "all"
+
+
+def prompts_of(pairs: Sequence[TokenizedPair], tokenizer, limit: int) -> list[str]:
+    """Distinct prompts of tokenised pairs, in order, at most `limit` (0 = all), as text `sample` encodes
+    again: decoded with special tokens kept, so a chat template's markers survive (encode_prompt drops a
+    doubled BOS)."""
+    prompts: list[str] = []
+    seen: set[tuple[int, ...]] = set()
+    for pair in pairs:
+        key = tuple(pair.prompt_ids)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(tokenizer.decode(pair.prompt_ids, skip_special_tokens=False))
+            if len(prompts) == limit:
+                break
+    return prompts
+
+
+def shard_for_rank(items: Sequence[T], rank: int, world: int, batch_size: int) -> tuple[list[T], torch.Tensor]:
     """This rank's items (pairs or prompts), padded so every rank runs the same number of batches, and their
     weights (n,): 1 for its own items, 0 for padding.
 
     Every rank must take part in every forward (under FSDP a forward is a collective: a rank that skips one
     hangs the others), so the short shards are topped up with copies of item 0 weighted 0.
     """
+    items = list(items)
     per_rank = math.ceil(len(items) / world)
     padded = math.ceil(per_rank / batch_size) * batch_size
     mine = items[rank::world]
@@ -229,7 +257,7 @@ def kl_summary(policy, reference, samples: Samples, *, pad_id: int, batch_size: 
 
 
 def evaluate_target(target: Target, data_path: str | Path, ev: config.EvalConfig, judge_cfg: config.JudgeConfig,
-                    *, progress: bool = True) -> tuple[dict, list[dict]]:
+                    *, part: str = "all", progress: bool = True) -> tuple[dict, list[dict]]:
     """Everything `preftune eval` reports, as a JSON-ready dict, plus the side-by-side sample rows.
 
     Pair metrics always; when `ev.prompts` > 0, samples from both models, the policy's KL from its reference
@@ -242,7 +270,7 @@ def evaluate_target(target: Target, data_path: str | Path, ev: config.EvalConfig
         raise ValueError(f"judge.name={judge_cfg.name!r} judges samples, but eval.prompts=0 samples none")
     judge = judges.build(judge_cfg) if judge_cfg.name else None  # before any model work: fail fast
     cfg, tok = target.cfg, target.tokenizer
-    pairs, report = load_pairs(data_path, tok, cfg.data)
+    pairs, report = load_pairs(data_path, tok, cfg.data, part=part)
     loss_fn = pair_loss(cfg)
     per_pair = score_pairs(target.policy, target.reference, pairs, loss_fn=loss_fn, pad_id=tok.pad_token_id,
                            batch_size=ev.batch_size)
@@ -252,7 +280,7 @@ def evaluate_target(target: Target, data_path: str | Path, ev: config.EvalConfig
                     "metrics": summarise(per_pair, **ci)}
     rows: list[dict] = []
     if ev.prompts > 0:
-        prompts = unique_prompts(data_path, ev.prompts)
+        prompts = prompts_of(pairs, tok, ev.prompts)
         sbs = side_by_side(target.policy, target.reference, tok, prompts, ev, progress=progress)
         rows = sbs.rows()
         result["kl"] = kl_summary(target.policy, target.reference, sbs.policy, pad_id=tok.pad_token_id,

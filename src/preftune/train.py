@@ -66,11 +66,12 @@ def train(cfg: Config) -> Path:
     if loss_fn.unpaired:  # `pairs` then holds single completions, each desirable or not (KTO)
         pairs, report = data.load_unpaired(cfg.data.train, tokenizer, cfg.data)
     else:
-        pairs, report = data.load_pairs(cfg.data.train, tokenizer, cfg.data)
+        pairs, report = data.load_pairs(cfg.data.train, tokenizer, cfg.data, cache_dir=data.cache_dir_for(cfg))
     say(report.summary())
     if accelerator.is_main_process:
         checkpoint.write_json(run_dir / "data_report.json", vars(report))
-    eval_pairs = data.load_pairs(cfg.data.eval, tokenizer, cfg.data)[0] if cfg.train.eval_every else []
+    eval_from, eval_part = heldout.eval_source(cfg)
+    eval_pairs = data.load_pairs(eval_from, tokenizer, cfg.data, part=eval_part)[0] if cfg.train.eval_every else []
 
     # --- models ---
     policy = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
@@ -107,7 +108,7 @@ def train(cfg: Config) -> Path:
     if eval_pairs:
         eval_loss = heldout.pair_loss(cfg)
         eval_shard, eval_weights = heldout.shard_for_rank(eval_pairs, rank, world, cfg.eval.batch_size)
-        kl_prompts = heldout.unique_prompts(cfg.data.eval, cfg.eval.prompts) \
+        kl_prompts = heldout.prompts_of(eval_pairs, tokenizer, cfg.eval.prompts) \
             if reference is not None and cfg.eval.prompts > 0 else []
         if kl_prompts:
             kl_shard, kl_weights = heldout.shard_for_rank(kl_prompts, rank, world, cfg.eval.batch_size)
