@@ -204,3 +204,15 @@ def test_in_training_eval_on_the_records_eval_fraction_holds_out(tiny):
     held_out = json.loads((run_dir / "data_report.json").read_text())
     last = read_metrics(run_dir)[-1]
     assert "eval/loss" in last and "eval/kl" in last, (held_out, last)
+
+
+def test_report_of_a_sampling_only_evaluation(tmp_path):
+    # what a pipeline without held-out pairs (the demo) can hand over: rows, KL and win rate, samples
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.69, "eval/kl": 0.5}) + "\n")
+    stat = {"mean": 0.7, "low": 0.6, "high": 0.8}
+    (tmp_path / "eval.json").write_text(json.dumps({"kl": stat, "win_rate": stat | {"judge": "sentiment"}}))
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"prompt": "p", "policy": "a", "reference": "b",
+                                                        "policy_score": 0.9, "reference_score": 0.2}) + "\n")
+    page = write_report(tmp_path).read_text()
+    assert page.count("data:image/png;base64,") == 2  # loss and KL: only what was logged is drawn
+    assert "win rate over reference (sentiment)" in page and "<th>policy score</th>" in page

@@ -210,3 +210,17 @@ def test_reward_model_judge_scores_like_the_model_whatever_the_batching(tmp_path
 def test_reward_model_judge_needs_a_path():
     with pytest.raises(judges.JudgeError, match="judge.path"):
         judges.build(JudgeConfig(name="reward_model"))
+
+
+def test_sentiment_judge_scores_with_the_demos_cached_classifier(tmp_path, monkeypatch):
+    from preftune.demo.reward import SentimentClassifier
+
+    # a hand-made classifier in the demo's cache format: "great" pushes towards positive, "awful" away
+    vocabulary = {"great": 0, "awful": 1}
+    SentimentClassifier(vocabulary, np.ones(2), np.array([4.0, -4.0]), 0.0, 0.9, 10, 10).save(tmp_path / "clf")
+    judge = judges.build(JudgeConfig(name="sentiment", path=str(tmp_path / "clf")))
+    low, mid, high = judge.score(["p"] * 3, ["awful film", "a film", "great film"])
+    assert low < mid < high and mid == pytest.approx(0.5)
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(judges.JudgeError, match="run `preftune demo` once"):
+        judges.build(JudgeConfig(name="sentiment"))

@@ -238,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling a trailing positional list (the dotted overrides) at the first option, so
     # `eval RUN --data F judge.name=x` leaves them over; take them, and reject anything else as parse_args would
-    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:
+    if args.command == "demo":  # the demo parses its own options (--quick, --help, ...)
+        args.demo_args = extra + args.demo_args
+    elif extra and hasattr(args, "overrides") and not any(e.startswith("-") or "=" not in e for e in extra):
         args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (config.ConfigError, FileExistsError) as err:

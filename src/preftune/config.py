@@ -196,7 +196,8 @@ class JudgeConfig:
     allow_code: bool = False
     """Opt in to importing and running the module:function named in `judge.name`."""
     path: str = ""
-    """reward_model: local HF sequence-classification directory (safetensors weights)."""
+    """reward_model: local HF sequence-classification directory (safetensors weights); sentiment: a classifier
+    directory (empty = the one `preftune demo` cached last)."""
     label: int = 1
     """reward_model with several labels: the label whose log-probability is the score."""
     batch_size: int = 16

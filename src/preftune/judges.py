@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -44,7 +45,6 @@ def length_reward(prompts: list[str], completions: list[str]) -> list[float]:
 # scikit-learn and its trained weights; nobody else should pay for importing it)
 REWARDS: dict[str, str] = {
     "length": "preftune.judges:length_reward",
-    "sentiment": "preftune.demo.sentiment:reward",
 }
 _registered: dict[str, RewardFn] = {}
 
@@ -76,6 +76,27 @@ class RewardJudge:
         if scores.shape != (len(completions),):
             raise JudgeError(f"judge {self.name!r} returned {scores.shape} scores for {len(completions)} texts")
         return scores
+
+
+class SentimentJudge(RewardJudge):
+    """The demo's sentiment classifier (TF-IDF + logistic regression, cached as plain arrays by `preftune
+    demo`): P(positive) of the completion alone. `path` is a classifier directory; empty = the one the demo
+    cached most recently."""
+
+    def __init__(self, path: str = ""):
+        from preftune.demo.assets import cache_dir
+        from preftune.demo.reward import SentimentClassifier
+
+        if not path:
+            cached = sorted(cache_dir().glob("sentiment-*/classifier.json"), key=lambda f: f.stat().st_mtime)
+            if not cached:
+                raise JudgeError(f"judge.name=sentiment: no classifier cached under {cache_dir()}; run "
+                                 "`preftune demo` once, or set judge.path to a classifier directory")
+            path = str(cached[-1].parent)
+        if not (Path(path) / "classifier.json").is_file():
+            raise JudgeError(f"judge.path={path!r} holds no sentiment classifier (classifier.json)")
+        classifier = SentimentClassifier.load(Path(path))
+        super().__init__(f"sentiment:{path}", lambda prompts, completions: classifier.prob_positive(completions))
 
 
 class RewardModelJudge(RewardJudge):
@@ -186,6 +207,8 @@ def build(cfg: JudgeConfig) -> RewardJudge | ChatJudge:
     name = cfg.name
     if name == "openai":
         return ChatJudge(cfg)
+    if name == "sentiment":
+        return SentimentJudge(cfg.path)
     if name == "reward_model":
         if not cfg.path:
             raise JudgeError("judge.name=reward_model needs judge.path, a local sequence-classification model")
@@ -199,7 +222,7 @@ def build(cfg: JudgeConfig) -> RewardJudge | ChatJudge:
         return RewardJudge(name, _registered[name])
     if name in REWARDS:
         return RewardJudge(name, _import(REWARDS[name], f"judge {name!r}"))
-    choices = sorted({"openai", "reward_model", *REWARDS, *_registered})
+    choices = sorted({"openai", "reward_model", "sentiment", *REWARDS, *_registered})
     raise JudgeError(f"unknown judge {name!r}; choose from {choices} or an explicit module:function "
                      "with judge.allow_code=true")
 

@@ -86,10 +86,12 @@ def _interval_row(name: str, stat: dict) -> str:
 
 def _eval_section(result: dict) -> str:
     level = f"{round(100 * result.get('level', 0.95))}%"
-    parts = [f"<p class=note>{result['pairs']} held-out pairs from {html.escape(result['data'])}; loss "
-             f"{html.escape(str(result['loss']))}, beta {_fmt(result['beta'])}; {level} bootstrap intervals.</p>",
-             f"<table><tr><th>metric</th><th>mean</th><th>{level} interval</th></tr>",
-             *(_interval_row(k, v) for k, v in result["metrics"].items()), "</table>"]
+    parts = []
+    if "metrics" in result:  # held-out pairs; a sampling-only evaluation (the demo's) has none
+        parts += [f"<p class=note>{result['pairs']} held-out pairs from {html.escape(result['data'])}; loss "
+                  f"{html.escape(str(result['loss']))}, beta {_fmt(result['beta'])}; {level} bootstrap "
+                  "intervals.</p>", f"<table><tr><th>metric</th><th>mean</th><th>{level} interval</th></tr>",
+                  *(_interval_row(k, v) for k, v in result["metrics"].items()), "</table>"]
     summary = []
     if "kl" in result:
         summary.append(_interval_row("KL(policy || reference), nats", result["kl"]))
