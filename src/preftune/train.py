@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import time
@@ -20,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune import checkpoint, data
+from preftune import checkpoint, data, heldout, sinks
 from preftune.config import Config, OptimConfig
 from preftune.logps import batch_logps, sequence_logps
 from preftune.losses import RunningMean, UnpairedLogps, bind, pair_logps
@@ -67,10 +66,12 @@ def train(cfg: Config) -> Path:
     if loss_fn.unpaired:  # `pairs` then holds single completions, each desirable or not (KTO)
         pairs, report = data.load_unpaired(cfg.data.train, tokenizer, cfg.data)
     else:
-        pairs, report = data.load_pairs(cfg.data.train, tokenizer, cfg.data)
+        pairs, report = data.load_pairs(cfg.data.train, tokenizer, cfg.data, cache_dir=data.cache_dir_for(cfg))
     say(report.summary())
     if accelerator.is_main_process:
         checkpoint.write_json(run_dir / "data_report.json", vars(report))
+    eval_from, eval_part = heldout.eval_source(cfg)
+    eval_pairs = data.load_pairs(eval_from, tokenizer, cfg.data, part=eval_part)[0] if cfg.train.eval_every else []
 
     # --- models ---
     policy = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
@@ -111,7 +112,15 @@ def train(cfg: Config) -> Path:
     pad_id = tokenizer.pad_token_id
     running = RunningMean() if loss_fn.running_state else None  # BCO's reward shift, identical on all ranks
     n_metrics = len(PAIR_METRICS)
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    sinks.check_available(cfg)  # on every rank: a missing package must stop all of them
+    metric_sinks = sinks.Sinks(cfg, run_dir) if accelerator.is_main_process else None
+    if eval_pairs:
+        eval_loss = heldout.pair_loss(cfg)
+        eval_shard, eval_weights = heldout.shard_for_rank(eval_pairs, rank, world, cfg.eval.batch_size)
+        kl_prompts = heldout.prompts_of(eval_pairs, tokenizer, cfg.eval.prompts) \
+            if reference is not None and cfg.eval.prompts > 0 else []
+        if kl_prompts:
+            kl_shard, kl_weights = heldout.shard_for_rank(kl_prompts, rank, world, cfg.eval.batch_size)
     bar = tqdm(total=total_steps, desc="train", disable=not (accelerator.is_main_process and cfg.train.progress))
     for step in range(total_steps):
         t0 = time.perf_counter()
@@ -194,12 +203,23 @@ def train(cfg: Config) -> Path:
         row.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=n_tokens / elapsed)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
-        if metrics_file is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps):
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+
+        # --- held-out eval: every rank scores its equal-length shard (a rank-0-only forward hangs FSDP) ---
+        evaluating = bool(eval_pairs) and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total_steps)
+        if evaluating:
+            eval_sums = heldout.eval_sums(policy, reference, eval_shard, eval_weights, loss_fn=eval_loss,
+                                          pad_id=pad_id, batch_size=cfg.eval.batch_size, device=accelerator.device)
+            kl_sums = heldout.kl_sums(accelerator.unwrap_model(policy), policy, reference, tokenizer, kl_shard,
+                                      kl_weights, cfg.eval, synced_gpus=world > 1,
+                                      device=accelerator.device) if kl_prompts else None
+            row.update(heldout.eval_row(accelerator.reduce(eval_sums, reduction="sum"),
+                                        None if kl_sums is None else accelerator.reduce(kl_sums, reduction="sum")))
+        if metric_sinks is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps
+                                         or evaluating):
+            metric_sinks.write(row)
     bar.close()
-    if metrics_file is not None:
-        metrics_file.close()
+    if metric_sinks is not None:
+        metric_sinks.close()
 
     # --- export ---
     checkpoint.export(accelerator, policy, tokenizer, run_dir / "final")
