@@ -31,6 +31,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft(args: argparse.Namespace) -> int:
+    from preftune.train import train
+
+    cfg = config.load(args.config, [*args.overrides, "train.stage=sft"])
+    train(cfg)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from preftune import lora
+
+    out = lora.merge(args.run_dir, args.out)
+    print(f"merged {args.run_dir}/final into the base model: {out}")
+    return 0
+
+
 def _losses(args: argparse.Namespace) -> int:
     from preftune.losses import LOSSES
 
@@ -62,6 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.2 optim.lr=5e-7")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning (the stage before DPO) from a YAML config",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Supervised fine-tuning on the chosen responses of a preference file or on "
+                       "{prompt, completion} records (data.train); the same loop, LoRA and export as `train` "
+                       "(it is `train` with train.stage=sft).\n\nexample:\n  preftune sft configs/tiny.yaml "
+                       "train.max_steps=20\n  preftune train configs/tiny.yaml reference.path=runs/tiny/final",
+                       epilog="config keys: see `preftune train --help`")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 lora.enabled=true")
+    p.set_defaults(func=_sft)
+
+    p = sub.add_parser("export", help="merge a LoRA run's trained adapter into a full HF model",
+                       description="A LoRA run saves its adapter alone in RUN_DIR/final (load it with peft on the "
+                       "base model). This writes base + adapter merged into one plain HF model directory, whose "
+                       "outputs equal the adapter model's.")
+    p.add_argument("run_dir", help="run directory of a LoRA run (holds config.yaml and final/)")
+    p.add_argument("out", help="new directory for the merged model")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("losses", help="list the available losses and their hyperparameters")
     p.set_defaults(func=_losses)

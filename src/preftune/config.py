@@ -36,6 +36,38 @@ class ModelConfig:
     """Allow model code shipped with the checkpoint to run. Off: only transformers' own classes load."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: sdpa, eager or flash_attention_2."""
+    adapter_path: str = ""
+    """An existing LoRA adapter directory (peft format) to continue training; needs lora.enabled. The
+    reference is then the starting adapter model, never the bare base (adapters-off would be wrong)."""
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    mode: str = "auto"
+    """Where reference log-probs come from: auto, copy, precomputed, adapters_off, path or none. auto = none
+    for reference-free losses and SFT, path when reference.path is set, adapters_off for LoRA from fresh
+    adapters, copy otherwise. docs/reference.md says when to use which."""
+    path: str = ""
+    """HF model directory of a reference other than the starting policy (e.g. the SFT model). Used by
+    mode=path, and by mode=precomputed as the model the log-probs are computed from."""
+    cache_dir: str = ""
+    """Directory of precomputed reference log-prob files, shared by runs; empty = <train.output_dir>/ref_cache.
+    A file is reused only when the reference weights, token ids and numeric settings all match."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights; the base weights stay frozen."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """Adapter scale numerator: updates are scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input during training."""
+    target_modules: list[str] = field(default_factory=list)
+    """Module names (or name suffixes) that get adapters, e.g. [q_proj, v_proj]; empty = every linear layer
+    except the output head (peft's all-linear)."""
 
 
 @dataclass(frozen=True)
@@ -108,11 +140,16 @@ class TrainConfig:
     """Accelerate mixed precision: no, bf16 or fp16."""
     progress: bool = True
     """Show a progress bar."""
+    stage: str = "preference"
+    """preference (DPO and family on pairs) or sft (supervised fine-tuning on the chosen responses or
+    prompt/completion records; `preftune sft` sets it)."""
 
 
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -141,6 +178,14 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check `value` against a field annotation; strings (from the command line) are parsed by the type."""
     origin = typing.get_origin(annotation)
     expected = getattr(annotation, "__name__", str(annotation))
+    if origin is list:
+        if isinstance(value, str):  # command line: `[q_proj, v_proj]` or `q_proj,v_proj`
+            value = yaml.safe_load(value) if value.strip().startswith("[") else \
+                [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation) or (Any,)
+        return [v if item_type is Any else _coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or annotation is dict:
         if isinstance(value, str):
             value = yaml.safe_load(value)
@@ -291,6 +336,8 @@ _CHOICES = {
     "data.prompt_truncation": ("keep_end", "keep_start"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.stage": ("preference", "sft"),
+    "reference.mode": ("auto", "copy", "precomputed", "adapters_off", "path", "none"),
 }
 
 
@@ -327,3 +374,34 @@ def validate(cfg: Config) -> None:
                               f"it takes {sorted(allowed)}")
     if not cfg.model.path and not cfg.model.arch:
         raise ConfigError("model: set model.path (a HF model directory) or model.arch (a random-init config)")
+    _validate_reference(cfg, needs_reference=LOSSES[cfg.loss.name].needs_reference and cfg.train.stage != "sft")
+
+
+def _validate_reference(cfg: Config, needs_reference: bool) -> None:
+    mode, lora = cfg.reference.mode, cfg.lora
+    if cfg.model.adapter_path and not lora.enabled:
+        raise ConfigError(f"model.adapter_path={cfg.model.adapter_path!r} continues a LoRA adapter: set "
+                          "lora.enabled=true")
+    if lora.enabled and (lora.r <= 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1):
+        raise ConfigError(f"lora: need r > 0, alpha > 0 and 0 <= dropout < 1; got r={lora.r}, "
+                          f"alpha={lora.alpha}, dropout={lora.dropout}")
+    if not needs_reference:
+        if mode not in ("auto", "none"):
+            raise ConfigError(f"reference.mode={mode!r} but {cfg.train.stage!r} with loss {cfg.loss.name!r} "
+                              "uses no reference; leave it auto or set none")
+        return
+    if mode == "none":
+        raise ConfigError(f"reference.mode='none' but loss {cfg.loss.name!r} needs a reference; choose from "
+                          f"{list(_CHOICES['reference.mode'])}, or a reference-free loss")
+    if mode == "path" and not cfg.reference.path:
+        raise ConfigError("reference.mode='path' needs reference.path (a HF model directory)")
+    if mode == "adapters_off" and not lora.enabled:
+        raise ConfigError("reference.mode='adapters_off' needs lora.enabled=true (without adapters it is "
+                          "the policy itself); use copy or precomputed")
+    if mode == "adapters_off" and cfg.model.adapter_path:
+        raise ConfigError(f"reference.mode='adapters_off' with model.adapter_path={cfg.model.adapter_path!r} "
+                          "would make the bare base model the reference, not the adapter training starts "
+                          "from; use copy or precomputed (or path, to choose the base deliberately)")
+    if cfg.reference.path and mode not in ("auto", "path", "precomputed"):
+        raise ConfigError(f"reference.path is set but reference.mode={mode!r} ignores it; use path, "
+                          "precomputed or auto")

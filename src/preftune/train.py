@@ -8,7 +8,6 @@ batch 4 consume the same pairs in the same order.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -20,11 +19,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune import checkpoint, data
+from preftune import checkpoint, data, lora, sft
 from preftune.config import Config, OptimConfig
 from preftune.logps import sequence_logps
-from preftune.losses import LOSSES, Logps, bind
+from preftune.losses import Logps, bind
 from preftune.modeling import load_model, load_tokenizer
+from preftune.reference import Reference
 
 # metric name -> how a step's value is formed from per-pair sums (all are means over the step's pairs)
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -54,19 +54,19 @@ def train(cfg: Config) -> Path:
 
     # --- data ---
     tokenizer = load_tokenizer(cfg.model)
-    pairs, report = data.load_pairs(cfg.data.train, tokenizer, cfg.data)
+    sft_stage = cfg.train.stage == "sft"  # SFT examples are pairs without a rejected response
+    pairs, report = (sft.load_examples if sft_stage else data.load_pairs)(cfg.data.train, tokenizer, cfg.data)
     say(report.summary())
     if accelerator.is_main_process:
         checkpoint.write_json(run_dir / "data_report.json", vars(report))
 
     # --- models ---
-    spec = LOSSES[cfg.loss.name]
     loss_fn = bind(cfg.loss.name, cfg.loss.beta, cfg.loss.params)
     policy = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
-    reference = None
-    if spec.needs_reference:
-        # frozen copy of the starting policy; reference-free losses never build one
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if cfg.lora.enabled:
+        policy = lora.wrap(policy, cfg.lora, cfg.model.adapter_path)
+    # before Accelerate wraps the policy, so a copy is of the bare module; mode none builds nothing
+    reference = Reference.build(cfg, policy, tokenizer)
 
     # --- optimiser and schedule ---
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -79,49 +79,54 @@ def train(cfg: Config) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.optim))
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    if reference is not None:
-        reference = accelerator.prepare_model(reference, evaluation_mode=True)
-    say(f"{len(pairs)} pairs, {total_steps} steps of {pairs_per_step} pairs, loss {cfg.loss.name}, "
-        f"{world} process(es), run dir {run_dir}")
+    # precomputed: one no-grad pass (or the cache) now, and no reference model from here on
+    reference.prepare(cfg, accelerator, policy, tokenizer, pairs)
+    say(f"{len(pairs)} {'examples' if sft_stage else 'pairs'}, {total_steps} steps of {pairs_per_step}, "
+        f"{'sft' if sft_stage else 'loss ' + cfg.loss.name}, reference {reference.mode}"
+        f"{' (cached)' if reference.cache_hit else ''}, {world} process(es), run dir {run_dir}")
 
     # --- loop ---
     global_batch = cfg.train.batch_size * world
     lengths = [p.length for p in pairs]
     stream = data.batch_stream(lengths, global_batch, cfg.train.seed, cfg.data.group_by_length)
     pad_id = tokenizer.pad_token_id
+    metric_names = sft.METRICS if sft_stage else PAIR_METRICS
     metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
     bar = tqdm(total=total_steps, desc="train", disable=not (accelerator.is_main_process and cfg.train.progress))
     for step in range(total_steps):
         t0 = time.perf_counter()
         micro_batches = [next(stream) for _ in range(cfg.train.grad_accum)]
         step_pairs = sum(len(m) for m in micro_batches)  # global count: the loss is a mean over all of them
-        sums = torch.zeros(len(PAIR_METRICS) + 2, device=accelerator.device)  # + pairs, tokens
+        sums = torch.zeros(len(metric_names) + 2, device=accelerator.device)  # + pairs, tokens
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
-            batch = data.collate([pairs[j] for j in local], pad_id).to(accelerator.device)
+            batch_pairs = [pairs[j] for j in local]
+            batch = (sft.collate if sft_stage else data.collate)(batch_pairs, pad_id).to(accelerator.device)
             last = i == len(micro_batches) - 1
             # skip the gradient all-reduce on all but the last micro-batch of the step
             sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
             with sync:
-                policy_chosen, policy_rejected = sequence_logps(policy, batch).halves()
-                ref_chosen_logps = ref_rejected_logps = None
-                if reference is not None:
-                    with torch.no_grad():
-                        ref_chosen, ref_rejected = sequence_logps(reference, batch).halves()
-                    ref_chosen_logps, ref_rejected_logps = ref_chosen.logps, ref_rejected.logps
-                lp = Logps(policy_chosen.logps, policy_rejected.logps, policy_chosen.lengths,
-                           policy_rejected.lengths, ref_chosen_logps, ref_rejected_logps)
-                out = loss_fn(lp)  # per-pair losses (B,)
+                if sft_stage:
+                    losses, metric_sums = sft.step(policy, batch)  # (B,), one sum per sft.METRICS
+                else:
+                    policy_chosen, policy_rejected = sequence_logps(policy, batch).halves()
+                    ref_chosen_logps, ref_rejected_logps = reference.logps(batch, batch_pairs)  # (B,) each
+                    lp = Logps(policy_chosen.logps, policy_rejected.logps, policy_chosen.lengths,
+                               policy_rejected.lengths, ref_chosen_logps, ref_rejected_logps)
+                    out = loss_fn(lp)
+                    losses = out.losses  # (B,)
+                    metric_sums = [
+                        out.losses.sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
+                        (out.chosen_rewards > out.rejected_rewards).float().sum(),
+                        (out.chosen_rewards - out.rejected_rewards).sum(),
+                        policy_chosen.logps.sum(), policy_rejected.logps.sum(),
+                        policy_chosen.mean_logits.sum(), policy_rejected.mean_logits.sum()]
                 # DDP averages gradients over processes, hence x world: the step's gradient is that of
                 # the mean loss over every pair of the step, whatever the batch/accumulation/process split
-                accelerator.backward(out.losses.sum() * world / step_pairs)
+                accelerator.backward(losses.sum() * world / step_pairs)
             with torch.no_grad():
                 sums += torch.stack([
-                    out.losses.sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
-                    (out.chosen_rewards > out.rejected_rewards).float().sum(),
-                    (out.chosen_rewards - out.rejected_rewards).sum(),
-                    policy_chosen.logps.sum(), policy_rejected.logps.sum(),
-                    policy_chosen.mean_logits.sum(), policy_rejected.mean_logits.sum(),
+                    *metric_sums,
                     torch.tensor(float(len(local)), device=accelerator.device),
                     batch.attention_mask.sum().float(),
                 ]).detach().float()
@@ -139,10 +144,10 @@ def train(cfg: Config) -> Path:
         elapsed = time.perf_counter() - t0
         n_pairs, n_tokens = sums[-2].item(), sums[-1].item()
         row = {"step": step + 1}
-        row.update({name: sums[k].item() / n_pairs for k, name in enumerate(PAIR_METRICS)})
+        row.update({name: sums[k].item() / n_pairs for k, name in enumerate(metric_names)})
         row.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=n_tokens / elapsed)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}")
         if metrics_file is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps):
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()

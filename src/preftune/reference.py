@@ -1,0 +1,248 @@
+"""The reference model of a preference loss, held in one of several ways that all give the same numbers.
+
+Modes (`reference.mode`; docs/reference.md says when to use which):
+  copy          a frozen deep copy of the starting policy (for LoRA from an adapter: of that adapter model)
+  precomputed   one no-grad pass over every pair before training, cached on disk; no reference in memory
+                while training
+  adapters_off  LoRA: the policy itself with its adapters switched off, i.e. the frozen base
+  path          a frozen model loaded from reference.path (e.g. the SFT model while the policy starts elsewhere)
+  none          reference-free losses and SFT: nothing is built or run
+
+The reference never sees a trained weight: copy and path are separate frozen modules, adapters_off runs only
+the frozen base weights, and a precomputed table is fixed before the first step; a pair missing from the table
+is an error, never a quiet fall-back to the policy.
+
+Like checkpoint.py this is engine-aware setup code: it hands reference models to Accelerate (so they are
+sharded like the policy under FSDP) and gathers the shares of a multi-process precompute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from preftune import data
+from preftune.config import Config
+from preftune.data import Batch, TokenizedPair
+from preftune.logps import sequence_logps
+from preftune.losses import LOSSES
+from preftune.modeling import load_model
+
+CACHE_FORMAT = 1  # bump when the meaning of a cached number changes
+
+
+def resolve_mode(cfg: Config) -> str:
+    """The concrete mode `auto` stands for (config.validate has already rejected impossible choices)."""
+    if cfg.train.stage == "sft" or not LOSSES[cfg.loss.name].needs_reference:
+        return "none"
+    if cfg.reference.mode != "auto":
+        return cfg.reference.mode
+    if cfg.reference.path:
+        return "path"
+    if cfg.lora.enabled and not cfg.model.adapter_path:
+        return "adapters_off"  # fresh adapters start at zero: the base is exactly the starting policy
+    return "copy"
+
+
+def pair_key(pair: TokenizedPair) -> tuple[tuple[int, ...], ...]:
+    """A pair's identity in the precomputed table: its token ids, whatever file or position it came from."""
+    return tuple(pair.prompt_ids), tuple(pair.chosen_ids), tuple(pair.rejected_ids)
+
+
+class Reference:
+    """Reference log-probs of a batch. `build` before the policy is prepared, `prepare` after, then `logps`."""
+
+    def __init__(self, mode: str, model: torch.nn.Module | None = None):
+        self.mode = mode
+        self.model = model
+        """copy/path: the frozen reference; adapters_off: the prepared policy; otherwise None"""
+        self.table: dict[tuple, Tensor] | None = None
+        """precomputed: pair_key -> (2,) reference logps of (chosen, rejected)"""
+        self.cache_file: Path | None = None
+        self.cache_hit = False
+        self._peft: torch.nn.Module | None = None  # adapters_off: the unwrapped peft model that owns the switch
+
+    @classmethod
+    def build(cls, cfg: Config, policy: torch.nn.Module, tokenizer) -> Reference:
+        """The reference of `cfg` for the starting `policy`, before Accelerate wraps it (a deep copy of a
+        wrapped or sharded module would copy the wrapper)."""
+        mode = resolve_mode(cfg)
+        model = None
+        if mode == "copy":
+            model = copy.deepcopy(policy)
+        elif mode == "path":
+            model = load_reference_model(cfg, tokenizer)
+        if model is not None:
+            model = model.eval().requires_grad_(False)
+        return cls(mode, model)
+
+    def prepare(self, cfg: Config, accelerator: Accelerator, policy: torch.nn.Module, tokenizer,
+                pairs: list[TokenizedPair]) -> Reference:
+        """Place the reference beside the prepared policy; for precomputed, fill the table from the cache or
+        one no-grad pass over `pairs` (the policy's starting weights, or reference.path) and free that model."""
+        if self.model is not None:
+            self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
+        elif self.mode == "adapters_off":
+            self.model, self._peft = policy, accelerator.unwrap_model(policy)
+        elif self.mode == "precomputed":
+            self._precompute(cfg, accelerator, policy, tokenizer, pairs)
+        return self
+
+    def logps(self, batch: Batch, batch_pairs: list[TokenizedPair]) -> tuple[Tensor | None, Tensor | None]:
+        """(B,) reference logps of the chosen and of the rejected responses of `batch`, whose rows come from
+        `batch_pairs` in order; (None, None) without a reference."""
+        if self.mode == "none":
+            return None, None
+        if self.table is not None:
+            try:
+                rows = torch.stack([self.table[pair_key(p)] for p in batch_pairs])  # (B, 2)
+            except KeyError:
+                missing = [p.source for p in batch_pairs if pair_key(p) not in self.table]
+                raise KeyError(f"pairs {missing[:3]} have no precomputed reference log-probs; precompute "
+                               "over every split you score (the policy is never a stand-in)") from None
+            rows = rows.to(batch.input_ids.device)
+            return rows[:, 0], rows[:, 1]
+        # adapters_off runs the training policy: eval mode so dropout can't touch the reference
+        was_training = self.model.training
+        switch = self._peft.disable_adapter() if self._peft is not None else contextlib.nullcontext()
+        self.model.eval()
+        try:
+            with torch.no_grad(), switch:
+                chosen, rejected = sequence_logps(self.model, batch).halves()
+        finally:
+            self.model.train(was_training)
+        return chosen.logps, rejected.logps
+
+    # --- precomputed ---
+
+    def _precompute(self, cfg: Config, accelerator: Accelerator, policy: torch.nn.Module, tokenizer,
+                    pairs: list[TokenizedPair]) -> None:
+        identity = (files_digest(cfg.reference.path) if cfg.reference.path
+                    else weights_digest(accelerator.unwrap_model(policy)))
+        key = cache_key(identity, pairs, cfg)
+        cache_dir = Path(cfg.reference.cache_dir or Path(cfg.train.output_dir) / "ref_cache")
+        self.cache_file = cache_dir / f"{key}.safetensors"
+        table = load_cached(self.cache_file, len(pairs))
+        self.cache_hit = table is not None
+        if table is None:
+            model = policy
+            if cfg.reference.path:
+                model = accelerator.prepare_model(
+                    load_reference_model(cfg, tokenizer).eval().requires_grad_(False), evaluation_mode=True)
+            table = precompute_logps(model, pairs, tokenizer.pad_token_id, cfg.train.batch_size, accelerator)
+            if model is not policy:
+                # the loaded reference goes now: Accelerate's registry would otherwise keep it alive all run
+                accelerator._models = [m for m in accelerator._models if m is not model]
+                del model
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            if accelerator.is_main_process:
+                save_cached(self.cache_file, table, key)
+            accelerator.wait_for_everyone()
+        self.table = {pair_key(p): row for p, row in zip(pairs, table, strict=True)}
+
+
+def load_reference_model(cfg: Config, tokenizer) -> torch.nn.Module:
+    """reference.path as a HF model in the policy's dtype and attention kernel."""
+    from dataclasses import replace
+
+    ref_cfg = replace(cfg.model, path=cfg.reference.path, arch={}, adapter_path="")
+    model = load_model(ref_cfg, tokenizer)
+    if model.config.vocab_size < len(tokenizer):
+        raise ValueError(f"reference.path {cfg.reference.path!r}: vocab_size {model.config.vocab_size} is "
+                         f"smaller than the tokenizer's {len(tokenizer)}")
+    return model
+
+
+@torch.no_grad()
+def precompute_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
+                     accelerator: Accelerator) -> Tensor:
+    """(N, 2) reference logps of (chosen, rejected) for every pair, from one no-grad pass.
+
+    Process r scores pairs r, r + W, r + 2W, ...; every process runs the same number of forwards (shares are
+    padded by repeating a pair) because under FSDP each forward is a collective. One gather at the end.
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_rank = math.ceil(len(pairs) / world)
+    share = list(range(rank, len(pairs), world))
+    share += [share[-1] if share else 0] * (per_rank - len(share))
+    was_training = model.training
+    model.eval()
+    local = torch.zeros(per_rank, 2, device=accelerator.device)  # (per_rank, 2)
+    for start in range(0, per_rank, batch_size):
+        rows = share[start:start + batch_size]
+        batch = data.collate([pairs[i] for i in rows], pad_id).to(accelerator.device)
+        chosen, rejected = sequence_logps(model, batch).halves()
+        local[start:start + len(rows)] = torch.stack([chosen.logps, rejected.logps], dim=1).float()
+    model.train(was_training)
+    gathered = accelerator.gather(local).cpu()  # (world * per_rank, 2), rank-major
+    table = torch.empty(len(pairs), 2)
+    for r in range(world):
+        idx = list(range(r, len(pairs), world))
+        table[idx] = gathered[r * per_rank:r * per_rank + len(idx)]
+    return table
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes: the identity of a model's weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def files_digest(path: str) -> str:
+    """sha256 of a model directory's weight and config files (content, not dates): the weights' identity
+    without loading them, so a cache hit never loads the reference."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise ValueError(f"reference.path {path!r} holds no .safetensors weights")
+    for p in files:
+        h.update(p.name.encode() + b"|")
+        with p.open("rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def cache_key(model_identity: str, pairs: list[TokenizedPair], cfg: Config) -> str:
+    """sha256 of (reference weights, every pair's token ids in order, settings that change the numbers).
+
+    Token ids stand for the tokenizer and the truncation settings: any change there changes an id."""
+    h = hashlib.sha256()
+    settings = {"format": CACHE_FORMAT, "dtype": cfg.model.dtype, "attn": cfg.model.attn_implementation,
+                "mixed_precision": cfg.train.mixed_precision}
+    h.update(json.dumps({"model": model_identity, "settings": settings}, sort_keys=True).encode())
+    for p in pairs:
+        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return h.hexdigest()[:32]
+
+
+def load_cached(path: Path, num_pairs: int) -> Tensor | None:
+    if not path.is_file():
+        return None
+    table = load_file(path)["logps"]  # (N, 2)
+    if table.shape != (num_pairs, 2):  # the key covers the pair count; this only guards a damaged file
+        return None
+    return table
+
+
+def save_cached(path: Path, table: Tensor, key: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"logps": table.contiguous()}, tmp, metadata={"key": key, "pairs": str(len(table))})
+    os.replace(tmp, path)  # readers never see half a file
