@@ -25,8 +25,11 @@ def wrap(model: torch.nn.Module, lora: LoraConfig, adapter_path: str = "") -> to
     trained further; otherwise fresh adapters whose up-projection starts at zero, so the wrapped model
     computes exactly what the base did.
     """
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import PeftModel, get_peft_model
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import PeftModel, get_peft_model
+    except ImportError:
+        raise ImportError("lora.enabled=true needs peft: pip install 'preftune[lora]'") from None
 
     if adapter_path:
         if not (Path(adapter_path) / ADAPTER_CONFIG).is_file():
