@@ -17,7 +17,7 @@ from preftune.modeling import load_model, load_tokenizer
 from preftune.reference import Reference
 from preftune.train import train
 
-from .conftest import EXAMPLE_PAIRS, read_metrics
+from .conftest import EXAMPLE_PAIRS, read_metrics, tiny_config
 
 TIMING_KEYS = {"tokens_per_s"}
 
@@ -209,3 +209,30 @@ def test_config_refuses_references_that_would_be_wrong(tiny):
     for message, sections in cases.items():
         with pytest.raises(config.ConfigError, match=message):
             tiny(**sections)
+
+
+@pytest.mark.slow
+def test_two_process_precompute_equals_one_process_copy(tmp_path):
+    """Each process scores its share of the pairs (16 over 2 ranks, pair i on rank i % 2), one gather: the same
+    table and trajectory as one process holding a copy."""
+    from .test_distributed import torchrun
+
+    one = tiny_config(tmp_path, train={"run_name": "one", "max_steps": 4}, reference={"mode": "copy"})
+    two = tiny_config(tmp_path, train={"run_name": "two", "batch_size": 4, "max_steps": 4},
+                      reference={"mode": "precomputed"})
+    rows_one = read_metrics(train(one))
+    torchrun(two, tmp_path, nproc=2)
+    rows_two = read_metrics(two.run_dir())
+    for a, b in zip(rows_one, rows_two, strict=True):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+    # the gathered table is every pair's own reference logps, in order
+    (cache_file,) = (tmp_path / "runs" / "ref_cache").iterdir()
+    table = load_file(cache_file)["logps"]  # (16, 2)
+    tokenizer = load_tokenizer(one.model)
+    pairs, _ = load_pairs(one.data.train, tokenizer, one.data)
+    model = load_model(one.model, tokenizer, seed=one.train.seed).eval()
+    with torch.no_grad():
+        chosen, rejected = sequence_logps(model, collate(pairs, tokenizer.pad_token_id)).halves()
+    torch.testing.assert_close(table, torch.stack([chosen.logps, rejected.logps], 1), rtol=0, atol=1e-4)
