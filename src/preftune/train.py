@@ -79,7 +79,8 @@ def train(cfg: Config) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.optim))
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    # precomputed: one no-grad pass (or the cache) now, and no reference model from here on
+    # precomputed: one no-grad pass (or the cache) now, and no reference model from here on. Before any
+    # resume loads trained weights: the reference is always the starting model, never a checkpoint
     reference.prepare(cfg, accelerator, policy, tokenizer, pairs)
     say(f"{len(pairs)} {'examples' if sft_stage else 'pairs'}, {total_steps} steps of {pairs_per_step}, "
         f"{'sft' if sft_stage else 'loss ' + cfg.loss.name}, reference {reference.mode}"
