@@ -236,3 +236,17 @@ def test_two_process_precompute_equals_one_process_copy(tmp_path):
     with torch.no_grad():
         chosen, rejected = sequence_logps(model, collate(pairs, tokenizer.pad_token_id)).halves()
     torch.testing.assert_close(table, torch.stack([chosen.logps, rejected.logps], 1), rtol=0, atol=1e-4)
+
+
+def test_model_for_eval_is_the_reference_the_run_trained_against(tiny):
+    cfg = tiny(reference={"mode": "precomputed"}, train={"max_steps": 3})
+    run_dir = train(cfg)
+    model, tokenizer = reference.model_for_eval(run_dir)
+    pairs, _ = load_pairs(cfg.data.train, tokenizer, cfg.data)
+    with torch.no_grad():
+        chosen, rejected = sequence_logps(model, collate(pairs, tokenizer.pad_token_id)).halves()
+    (cache_file,) = (run_dir.parent / "ref_cache").iterdir()
+    torch.testing.assert_close(torch.stack([chosen.logps, rejected.logps], 1), load_file(cache_file)["logps"],
+                               rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="without a reference"):
+        reference.model_for_eval(train(tiny(train={"stage": "sft", "max_steps": 1, "run_name": "sft"})))

@@ -246,3 +246,28 @@ def save_cached(path: Path, table: Tensor, key: str) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"logps": table.contiguous()}, tmp, metadata={"key": key, "pairs": str(len(table))})
     os.replace(tmp, path)  # readers never see half a file
+
+
+def model_for_eval(run_dir: str | Path) -> tuple[torch.nn.Module, object]:
+    """The reference a finished run trained against, as a frozen model for evaluation (e.g. the KL of
+    evaluate.sequence_kl), rebuilt from the run's config.yaml; never the trained policy.
+
+    copy / precomputed: the starting policy (with model.adapter_path: that starting adapter model); path or
+    precomputed with reference.path: that model; adapters_off: the base. Returns (model, tokenizer).
+    """
+    from preftune import config, lora
+    from preftune.modeling import load_tokenizer
+
+    cfg = config.load(Path(run_dir) / "config.yaml")
+    mode = resolve_mode(cfg)
+    if mode == "none":
+        raise ValueError(f"run {str(run_dir)!r} trained without a reference ({cfg.train.stage} stage, loss "
+                         f"{cfg.loss.name!r}); compare against its starting model instead: {cfg.model.path!r}")
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.reference.path:
+        model = load_reference_model(cfg, tokenizer)
+    else:
+        model = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
+        if cfg.model.adapter_path and mode != "adapters_off":
+            model = lora.wrap(model, cfg.lora, cfg.model.adapter_path)
+    return model.eval().requires_grad_(False), tokenizer
