@@ -72,6 +72,7 @@ class Reference:
         self.cache_file: Path | None = None
         self.cache_hit = False
         self._peft: torch.nn.Module | None = None  # adapters_off: the unwrapped peft model that owns the switch
+        self._identity = ""  # precomputed: the reference weights' digest, part of the cache key
 
     @classmethod
     def build(cls, cfg: Config, policy: torch.nn.Module, tokenizer) -> Reference:
@@ -85,7 +86,12 @@ class Reference:
             model = load_reference_model(cfg, tokenizer)
         if model is not None:
             model = model.eval().requires_grad_(False)
-        return cls(mode, model)
+        reference = cls(mode, model)
+        if mode == "precomputed":
+            # here, not after prepare: every process still holds the full starting weights (under FSDP a
+            # digest of each process's shard would differ, and processes would disagree about a cache hit)
+            reference._identity = files_digest(cfg.reference.path) if cfg.reference.path else weights_digest(policy)
+        return reference
 
     def prepare(self, cfg: Config, accelerator: Accelerator, policy: torch.nn.Module, tokenizer,
                 pairs: list[TokenizedPair]) -> Reference:
@@ -128,9 +134,7 @@ class Reference:
 
     def _precompute(self, cfg: Config, accelerator: Accelerator, policy: torch.nn.Module, tokenizer,
                     pairs: list[TokenizedPair]) -> None:
-        identity = (files_digest(cfg.reference.path) if cfg.reference.path
-                    else weights_digest(accelerator.unwrap_model(policy)))
-        key = cache_key(identity, pairs, cfg)
+        key = cache_key(self._identity, pairs, cfg)
         cache_dir = Path(cfg.reference.cache_dir or Path(cfg.train.output_dir) / "ref_cache")
         self.cache_file = cache_dir / f"{key}.safetensors"
         table = load_cached(self.cache_file, len(pairs))
