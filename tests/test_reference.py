@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from preftune import config, lora, reference
 from preftune.data import collate, load_pairs
 from preftune.logps import sequence_logps
-from preftune.losses import Logps, bind
+from preftune.losses import bind, pair_logps
 from preftune.modeling import load_model, load_tokenizer
 from preftune.reference import Reference
 from preftune.train import train
@@ -43,13 +43,11 @@ def step0_scores(cfg: config.Config) -> dict[str, torch.Tensor]:
     batch = collate(pairs[:8], tokenizer.pad_token_id)
     with torch.no_grad():
         policy_chosen, policy_rejected = sequence_logps(policy, batch).halves()
-        ref_chosen_logps, ref_rejected_logps = ref.logps(batch, pairs[:8])
-    out = bind(cfg.loss.name, cfg.loss.beta, cfg.loss.params)(Logps(
-        policy_chosen.logps, policy_rejected.logps, policy_chosen.lengths, policy_rejected.lengths,
-        ref_chosen_logps, ref_rejected_logps))
-    return {"ref_chosen": ref_chosen_logps, "ref_rejected": ref_rejected_logps, "loss": out.losses.mean(),
+        ref_chosen, ref_rejected = ref.scores(batch, pairs[:8]).halves()
+    out = bind(cfg.loss)(pair_logps(policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+    return {"ref_chosen": ref_chosen.logps, "ref_rejected": ref_rejected.logps, "loss": out.losses.mean(),
             "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean()}
+            "rewards/accuracies": out.accuracies().float().mean()}
 
 
 def save_start_model(cfg: config.Config, out) -> str:
@@ -192,7 +190,7 @@ def test_a_pair_missing_from_the_table_is_an_error_not_a_fallback(tiny):
     ref = Reference.build(cfg, policy, tokenizer).prepare(cfg, accelerator, policy, tokenizer, pairs[:10])
     batch = collate(pairs[8:12], tokenizer.pad_token_id)
     with pytest.raises(KeyError, match="no precomputed reference log-probs"):
-        ref.logps(batch, pairs[8:12])
+        ref.scores(batch, pairs[8:12])
 
 
 def test_config_refuses_references_that_would_be_wrong(tiny):
@@ -205,6 +203,9 @@ def test_config_refuses_references_that_would_be_wrong(tiny):
         "needs a reference": {"reference": {"mode": "none"}},
         "uses no reference": {"train": {"stage": "sft"}, "reference": {"mode": "copy"}},
         "set lora.enabled=true": {"model": {"adapter_path": "some/adapter"}},
+        "mismatched completions": {"loss": {"name": "kto"}, "reference": {"mode": "precomputed"}},
+        "per-token reference": {"loss": {"ld_alpha": 0.5}, "reference": {"mode": "precomputed"}},
+        "must be a separate model": {"loss": {"ref_sync": "hard"}, "lora": {"enabled": True}},
     }
     for message, sections in cases.items():
         with pytest.raises(config.ConfigError, match=message):

@@ -73,27 +73,79 @@ class LoraConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str = ""
-    """Training preference file: JSONL with one {"prompt", "chosen", "rejected"} object per line."""
+    """Training preference data: a .jsonl/.json/.parquet/.csv file, a HF dataset saved with save_to_disk, or a
+    hub dataset name where a network exists. Shapes and examples: docs/data.md."""
     eval: str = ""
-    """Held-out preference file in the same format (optional)."""
+    """Held-out preference data in any format train accepts (optional; see also eval_fraction)."""
+    format: str = "auto"
+    """Source format: auto (from the file suffix; a directory is a saved HF dataset), jsonl, json, parquet, csv
+    or datasets."""
+    shape: str = "auto"
+    """Record shape: auto (from the first record's keys), pairs (prompt/chosen/rejected), implicit (chosen and
+    rejected only; their shared start is the prompt), hh (Anthropic HH text), scored (response_a/response_b
+    with score_a/score_b) or unpaired (prompt/completion/label, for KTO). Any text may instead be a list of
+    {role, content} messages, rendered with the tokenizer's chat template."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Column renames, canonical name -> column in the data, e.g. {prompt: question, chosen: response_j,
+    rejected: response_k}, so other datasets' columns need no preprocessing."""
+    split: str = "train"
+    """Split of a HF dataset (directory or hub) to read for `train`."""
+    eval_split: str = "test"
+    """Split of a HF dataset to read for `eval`."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of the training records for evaluation when `eval` is empty (0 = none). A
+    record's side is fixed by a hash of its content, so duplicates never straddle train and eval."""
+    max_samples: int = 0
+    """Read at most this many records from each source (0 = all); the rest are reported as not read."""
+    min_score_ratio: float = 2.0
+    """Scored pairs: keep a pair only if the higher score is at least this multiple of the lower (the SHP
+    filter; 1 keeps every untied pair). Left-out pairs are reported."""
+    chat_template: str = ""
+    """Jinja chat template (the text, or a path to a .jinja file) for conversational data; empty = the
+    tokenizer's own."""
     max_length: int = 512
     """Longest prompt+response in tokens; longer pairs are truncated (counted and reported)."""
     max_prompt_length: int = 256
     """Longest prompt in tokens once a pair must be truncated."""
     prompt_truncation: str = "keep_end"
     """Which end of an over-long prompt survives: keep_end (the words nearest the response) or keep_start."""
+    drop_long: bool = False
+    """Drop pairs longer than max_length instead of truncating them (each reported)."""
+    skip_invalid: bool = False
+    """Train on the valid records of a source that has malformed ones (each skipped one is reported). Off:
+    loading stops with the list of invalid records (`preftune data check` shows them all)."""
     group_by_length: bool = True
     """Batch pairs of similar length together (shuffled within windows) so little compute goes to padding."""
+    cache: bool = True
+    """Keep tokenised data on disk, keyed by the source's content hash, the tokenizer and these settings; a
+    second run with the same inputs skips tokenisation."""
+    cache_dir: str = ""
+    """Where the tokenised-data cache lives; empty = $PREFTUNE_CACHE if set, else <train.output_dir>/.cache."""
 
 
 @dataclass(frozen=True)
 class LossConfig:
     name: str = "dpo"
     """Loss from the registry; `preftune losses` lists them."""
-    beta: float = 0.1
-    """KL strength (DPO's beta; IPO's tau). Lower lets the policy drift further from the reference."""
+    beta: float | None = None
+    """KL strength (DPO's beta; IPO's tau); unset = the loss's paper default (0.1 for DPO, 2.0 for SimPO).
+    Lower lets the policy drift further from the reference."""
     params: dict[str, float] = field(default_factory=dict)
     """Loss-specific hyperparameters by name, e.g. {label_smoothing: 0.1} for cDPO."""
+    weighting: str = "none"
+    """Pair weights: none, or wpo (WPO, arXiv:2406.11827: weight pairs by the policy's probability of them)."""
+    ld_alpha: float = 1.0
+    """LD-DPO (arXiv:2409.06411): weight of tokens past the pair's shared length; 1 = off, paper uses ~0.3-0.7."""
+    divergence: str = "reverse_kl"
+    """f-DPO (arXiv:2309.16240) divergence: reverse_kl (= DPO), forward_kl, js or alpha."""
+    divergence_alpha: float = 0.5
+    """The alpha of divergence=alpha, in (0, 1)."""
+    ref_sync: str = "none"
+    """TR-DPO (arXiv:2404.09656) reference updates: none, soft (ref <- a policy + (1-a) ref) or hard (ref <- policy)."""
+    ref_sync_alpha: float = 0.6
+    """TR-DPO soft-update weight a of the policy, in (0, 1]."""
+    ref_sync_every: int = 512
+    """TR-DPO: update the reference every this many optimiser steps."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +275,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if origin in (typing.Union, types.UnionType):
+        others = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(others) == 1:  # X | None: None, or an X with X's own error message
+            return None if value is None else _coerce(value, others[0], key)
         for arg in typing.get_args(annotation):
             try:
                 return None if arg is type(None) and value is None else _coerce(value, arg, key)
@@ -250,6 +305,11 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         else:
             kwargs[key] = _coerce(value, ann, dotted)
     return cls(**kwargs)
+
+
+def build(raw: dict[str, Any]) -> Config:
+    """A Config from a raw dict, types checked but values not validated (for tools that use one section)."""
+    return _build(Config, raw, "")
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -331,15 +391,45 @@ def replace(cfg: Config, key: str, value: Any) -> Config:
     return dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{name: value})})
 
 
+_DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "datasets")
+_DATA_SHAPES = ("auto", "pairs", "implicit", "hh", "scored", "unpaired")
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
-    "data.prompt_truncation": ("keep_end", "keep_start"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.stage": ("preference", "sft"),
     "reference.mode": ("auto", "copy", "precomputed", "adapters_off", "path", "none"),
+    "loss.weighting": ("none", "wpo"),
+    "loss.divergence": ("reverse_kl", "forward_kl", "js", "alpha"),
+    "loss.ref_sync": ("none", "soft", "hard"),
 }
+
+
+def validate_data(data: DataConfig) -> None:
+    """The data section's value checks (also run alone by `preftune data check`)."""
+    from preftune.data.records import CANONICAL_FIELDS  # late: keeps config importable on its own
+
+    for name, choices in (("format", _DATA_FORMATS), ("shape", _DATA_SHAPES),
+                          ("prompt_truncation", ("keep_end", "keep_start"))):
+        if getattr(data, name) not in choices:
+            raise ConfigError(f"data.{name}: {getattr(data, name)!r} is not one of {list(choices)}")
+    for name in data.fields:
+        if name not in CANONICAL_FIELDS:
+            raise ConfigError(f"data.fields.{name}: not a field preftune reads; map onto one of "
+                              f"{list(CANONICAL_FIELDS)}")
+    if data.max_length <= 0 or data.max_prompt_length <= 0:
+        raise ConfigError(f"data.max_length ({data.max_length}) and data.max_prompt_length "
+                          f"({data.max_prompt_length}) must be > 0")
+    if data.max_prompt_length >= data.max_length:
+        raise ConfigError(f"data.max_prompt_length ({data.max_prompt_length}) must be < data.max_length "
+                          f"({data.max_length}) so each response keeps at least one token")
+    if not 0 <= data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {data.eval_fraction}")
+    if data.max_samples < 0:
+        raise ConfigError(f"data.max_samples: must be >= 0 (0 = all), got {data.max_samples}")
+    if data.min_score_ratio < 1:
+        raise ConfigError(f"data.min_score_ratio: must be >= 1, got {data.min_score_ratio}")
 
 
 def validate(cfg: Config) -> None:
@@ -349,16 +439,13 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-    positive = ["data.max_length", "data.max_prompt_length", "train.batch_size", "train.grad_accum",
-                "train.log_every"]
+    positive = ["train.batch_size", "train.grad_accum", "train.log_every"]
     for key in positive:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{key}: must be > 0, got {getattr(getattr(cfg, section), name)}")
-    if cfg.data.max_prompt_length >= cfg.data.max_length:
-        raise ConfigError(f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length "
-                          f"({cfg.data.max_length}) so each response keeps at least one token")
-    for key in ("optim.lr", "optim.weight_decay", "optim.max_grad_norm", "loss.beta", "train.epochs"):
+    validate_data(cfg.data)
+    for key in ("optim.lr", "optim.weight_decay", "optim.max_grad_norm", "train.epochs"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(getattr(cfg, section), name)}")
@@ -373,13 +460,30 @@ def validate(cfg: Config) -> None:
         if name not in allowed:
             raise ConfigError(f"loss.params.{name}: {cfg.loss.name!r} takes no such hyperparameter; "
                               f"it takes {sorted(allowed)}")
+    _validate_loss(cfg, LOSSES[cfg.loss.name])
     if not cfg.model.path and not cfg.model.arch:
         raise ConfigError("model: set model.path (a HF model directory) or model.arch (a random-init config)")
-    _validate_reference(cfg, needs_reference=LOSSES[cfg.loss.name].needs_reference and cfg.train.stage != "sft")
+    _validate_reference(cfg, LOSSES[cfg.loss.name])
 
 
-def _validate_reference(cfg: Config, needs_reference: bool) -> None:
+def reference_mode(cfg: Config) -> str:
+    """The concrete reference mode: `auto` resolved, `none` whenever nothing uses a reference."""
+    from preftune.losses import LOSSES
+
+    if cfg.train.stage == "sft" or not LOSSES[cfg.loss.name].needs_reference:
+        return "none"
+    if cfg.reference.mode != "auto":
+        return cfg.reference.mode
+    if cfg.reference.path:
+        return "path"
+    if cfg.lora.enabled and not cfg.model.adapter_path:
+        return "adapters_off"  # fresh adapters start at zero: the base is exactly the starting policy
+    return "copy"
+
+
+def _validate_reference(cfg: Config, spec: Any) -> None:
     mode, lora = cfg.reference.mode, cfg.lora
+    needs_reference = spec.needs_reference and cfg.train.stage != "sft"
     if cfg.model.adapter_path and not lora.enabled:
         raise ConfigError(f"model.adapter_path={cfg.model.adapter_path!r} continues a LoRA adapter: set "
                           "lora.enabled=true")
@@ -406,3 +510,52 @@ def _validate_reference(cfg: Config, needs_reference: bool) -> None:
     if cfg.reference.path and mode not in ("auto", "path", "precomputed"):
         raise ConfigError(f"reference.path is set but reference.mode={mode!r} ignores it; use path, "
                           "precomputed or auto")
+    resolved = reference_mode(cfg)
+    if resolved == "precomputed":
+        # the table holds one summed log-prob per response of each pair, fixed before training
+        if spec.unpaired:
+            raise ConfigError(f"reference.mode='precomputed': {cfg.loss.name!r} also scores mismatched "
+                              "completions that depend on each batch; use copy, path or adapters_off")
+        if cfg.loss.ld_alpha != 1.0:
+            raise ConfigError("reference.mode='precomputed': loss.ld_alpha needs per-token reference "
+                              "log-probs, which the table does not keep; use copy, path or adapters_off")
+    if cfg.loss.ref_sync != "none" and (resolved not in ("copy", "path") or (resolved == "path" and lora.enabled)):
+        raise ConfigError(f"loss.ref_sync={cfg.loss.ref_sync!r} updates the reference from the policy, so the "
+                          f"reference must be a separate model of the same shape: set reference.mode='copy' "
+                          f"(resolved mode is {resolved!r})")
+
+
+def _validate_loss(cfg: Config, spec: Any) -> None:
+    """The loss's hyperparameter ranges and which modifiers its kind of data and reference allow."""
+    loss = cfg.loss
+    hyper = {**spec.hyperparameters(), **loss.params}
+    if loss.beta is not None:
+        if "beta" not in spec.hyperparameters():
+            raise ConfigError(f"loss.beta: {loss.name!r} takes no beta; its hyperparameters are {sorted(hyper)}")
+        if loss.beta <= 0:
+            raise ConfigError(f"loss.beta: must be > 0, got {loss.beta}")
+    eps = hyper.get("label_smoothing", 0.0)
+    if not 0 <= eps < 0.5:
+        raise ConfigError(f"loss.params.label_smoothing: must be in [0, 0.5), got {eps}")
+    if loss.name == "exo_pair" and eps <= 0:  # EXO takes log eps
+        raise ConfigError(f"loss.params.label_smoothing: exo_pair needs it in (0, 0.5), got {eps}")
+    if not 0 <= loss.ld_alpha <= 1:
+        raise ConfigError(f"loss.ld_alpha: must be in [0, 1], got {loss.ld_alpha}")
+    if loss.divergence == "alpha" and not 0 < loss.divergence_alpha < 1:
+        raise ConfigError(f"loss.divergence_alpha: must be in (0, 1), got {loss.divergence_alpha}")
+    if not 0 < loss.ref_sync_alpha <= 1:
+        raise ConfigError(f"loss.ref_sync_alpha: must be in (0, 1], got {loss.ref_sync_alpha}")
+    if loss.ref_sync_every <= 0:
+        raise ConfigError(f"loss.ref_sync_every: must be > 0, got {loss.ref_sync_every}")
+    modifiers = {"loss.weighting": loss.weighting != "none", "loss.ld_alpha": loss.ld_alpha != 1.0,
+                 "loss.divergence": loss.divergence != "reverse_kl"}
+    for key, on in modifiers.items():
+        if on and spec.unpaired:
+            raise ConfigError(f"{key}: applies to paired losses; {loss.name!r} trains on unpaired data")
+    if loss.divergence != "reverse_kl" and not spec.needs_reference:
+        raise ConfigError(f"loss.divergence: changes the log-ratio to a reference; {loss.name!r} has none")
+    if loss.ref_sync != "none" and not spec.needs_reference:
+        raise ConfigError(f"loss.ref_sync: {loss.name!r} uses no reference model to update")
+    if spec.kl_estimate and cfg.train.batch_size < 2:
+        raise ConfigError(f"train.batch_size: {loss.name!r} estimates its KL term from mismatched pairs "
+                          "within a batch, which needs batch_size >= 2")

@@ -33,26 +33,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from preftune import data
-from preftune.config import Config
+from preftune.config import Config, reference_mode
 from preftune.data import Batch, TokenizedPair
-from preftune.logps import sequence_logps
-from preftune.losses import LOSSES
+from preftune.logps import SequenceLogps, sequence_logps
 from preftune.modeling import load_model
 
 CACHE_FORMAT = 1  # bump when the meaning of a cached number changes
 
 
-def resolve_mode(cfg: Config) -> str:
-    """The concrete mode `auto` stands for (config.validate has already rejected impossible choices)."""
-    if cfg.train.stage == "sft" or not LOSSES[cfg.loss.name].needs_reference:
-        return "none"
-    if cfg.reference.mode != "auto":
-        return cfg.reference.mode
-    if cfg.reference.path:
-        return "path"
-    if cfg.lora.enabled and not cfg.model.adapter_path:
-        return "adapters_off"  # fresh adapters start at zero: the base is exactly the starting policy
-    return "copy"
+resolve_mode = reference_mode  # the concrete mode `auto` stands for (defined beside its validation)
 
 
 def pair_key(pair: TokenizedPair) -> tuple[tuple[int, ...], ...]:
@@ -105,30 +94,37 @@ class Reference:
             self._precompute(cfg, accelerator, policy, tokenizer, pairs)
         return self
 
-    def logps(self, batch: Batch, batch_pairs: list[TokenizedPair]) -> tuple[Tensor | None, Tensor | None]:
-        """(B,) reference logps of the chosen and of the rejected responses of `batch`, whose rows come from
-        `batch_pairs` in order; (None, None) without a reference."""
+    def scores(self, batch: Batch, batch_pairs: list[TokenizedPair] | None = None, *,
+               with_tokens: bool = False) -> SequenceLogps | None:
+        """Reference results for every row of `batch` (chosen rows then rejected rows for pairs; any rows
+        for a model-held reference, e.g. KTO's mismatched ones); None without a reference.
+
+        A precomputed table answers by pair, so it needs `batch_pairs` (the pairs the rows come from, in
+        order) and holds sums only: config.validate keeps it away from losses that need more."""
         if self.mode == "none":
-            return None, None
+            return None
         if self.table is not None:
+            if batch_pairs is None or with_tokens:
+                raise ValueError("precomputed reference log-probs are per pair and summed over tokens; this loss "
+                                 "needs per-row or per-token reference results (use copy, path or adapters_off)")
             try:
                 rows = torch.stack([self.table[pair_key(p)] for p in batch_pairs])  # (B, 2)
             except KeyError:
                 missing = [p.source for p in batch_pairs if pair_key(p) not in self.table]
                 raise KeyError(f"pairs {missing[:3]} have no precomputed reference log-probs; precompute "
                                "over every split you score (the policy is never a stand-in)") from None
-            rows = rows.to(batch.input_ids.device)
-            return rows[:, 0], rows[:, 1]
+            logps = rows.T.reshape(-1).to(batch.input_ids.device)  # (2B,): chosen rows, then rejected rows
+            lengths = (batch.labels[:, 1:] != data.IGNORE).sum(-1).float()  # (2B,)
+            return SequenceLogps(logps, lengths, torch.zeros_like(logps))  # logits: not kept, not needed
         # adapters_off runs the training policy: eval mode so dropout can't touch the reference
         was_training = self.model.training
         switch = self._peft.disable_adapter() if self._peft is not None else contextlib.nullcontext()
         self.model.eval()
         try:
             with torch.no_grad(), switch:
-                chosen, rejected = sequence_logps(self.model, batch).halves()
+                return sequence_logps(self.model, batch, with_tokens=with_tokens)
         finally:
             self.model.train(was_training)
-        return chosen.logps, rejected.logps
 
     # --- precomputed ---
 

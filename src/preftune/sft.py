@@ -79,12 +79,12 @@ def collate(examples: list[TokenizedPair], pad_id: int) -> Batch:
     return Batch(paired.input_ids[:b], paired.attention_mask[:b], paired.labels[:b], paired.sources)
 
 
-def step(policy: torch.nn.Module, batch: Batch) -> tuple[Tensor, list[Tensor]]:
-    """(B,) per-example loss and the per-batch sums of METRICS.
+def step(policy: torch.nn.Module, batch: Batch) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """(B,) per-example loss and the (B,) per-example values of METRICS, in order.
 
     The loss of an example is its mean-token NLL, so each example weighs the same whatever its length and the
     loop's mean over a step's examples is independent of how the step is split into micro-batches.
     """
     scored = sequence_logps(policy, batch)  # rows are examples: no halves
     losses = -scored.logps / scored.lengths.clamp(min=1)  # (B,)
-    return losses, [losses.detach().sum(), scored.logps.detach().sum(), scored.mean_logits.sum()]
+    return losses, (losses.detach(), scored.logps.detach(), scored.mean_logits)

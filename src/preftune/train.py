@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 from preftune import checkpoint, data, lora, sft
 from preftune.config import Config, OptimConfig
 from preftune.logps import sequence_logps
-from preftune.losses import Logps, bind
+from preftune.losses import RunningMean, UnpairedLogps, bind, pair_logps
 from preftune.modeling import load_model, load_tokenizer
 from preftune.reference import Reference
 
-# metric name -> how a step's value is formed from per-pair sums (all are means over the step's pairs)
-PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+# metrics that are means over the step's examples, each summed with its own count (KTO's chosen and rejected
+# counts differ); rewards/margins = rewards/chosen - rewards/rejected
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
 
 
@@ -43,6 +44,14 @@ def lr_factor(step: int, total: int, optim: OptimConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+@torch.no_grad()
+def sync_reference(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656): ref <- alpha * policy + (1 - alpha) * ref;
+    alpha = 1 is the hard update (ref <- policy)."""
+    for ref_param, policy_param in zip(reference.parameters(), policy.parameters(), strict=True):
+        ref_param.lerp_(policy_param.to(ref_param.dtype), alpha)
+
+
 def train(cfg: Config) -> Path:
     """Train the policy the config describes; returns the run directory (export in `final/`)."""
     # Accelerate only runs several CPU processes (gloo) when told the run is on CPU
@@ -54,14 +63,19 @@ def train(cfg: Config) -> Path:
 
     # --- data ---
     tokenizer = load_tokenizer(cfg.model)
+    loss_fn = bind(cfg.loss)
     sft_stage = cfg.train.stage == "sft"  # SFT examples are pairs without a rejected response
-    pairs, report = (sft.load_examples if sft_stage else data.load_pairs)(cfg.data.train, tokenizer, cfg.data)
+    if sft_stage:
+        pairs, report = sft.load_examples(cfg.data.train, tokenizer, cfg.data)
+    elif loss_fn.unpaired:  # `pairs` then holds single completions, each desirable or not (KTO)
+        pairs, report = data.load_unpaired(cfg.data.train, tokenizer, cfg.data)
+    else:
+        pairs, report = data.load_pairs(cfg.data.train, tokenizer, cfg.data, cache_dir=data.cache_dir_for(cfg))
     say(report.summary())
     if accelerator.is_main_process:
         checkpoint.write_json(run_dir / "data_report.json", vars(report))
 
     # --- models ---
-    loss_fn = bind(cfg.loss.name, cfg.loss.beta, cfg.loss.params)
     policy = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
     if cfg.lora.enabled:
         policy = lora.wrap(policy, cfg.lora, cfg.model.adapter_path)
@@ -91,46 +105,63 @@ def train(cfg: Config) -> Path:
     lengths = [p.length for p in pairs]
     stream = data.batch_stream(lengths, global_batch, cfg.train.seed, cfg.data.group_by_length)
     pad_id = tokenizer.pad_token_id
+    # BCO's reward shift, identical on all ranks
+    running = RunningMean() if loss_fn.running_state and not sft_stage else None
     metric_names = sft.METRICS if sft_stage else PAIR_METRICS
+    n_metrics = len(metric_names)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
     bar = tqdm(total=total_steps, desc="train", disable=not (accelerator.is_main_process and cfg.train.progress))
     for step in range(total_steps):
         t0 = time.perf_counter()
         micro_batches = [next(stream) for _ in range(cfg.train.grad_accum)]
         step_pairs = sum(len(m) for m in micro_batches)  # global count: the loss is a mean over all of them
-        sums = torch.zeros(len(metric_names) + 2, device=accelerator.device)  # + pairs, tokens
+        sums = torch.zeros(2 * n_metrics + 1, device=accelerator.device)  # sums, counts, tokens
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
-            batch_pairs = [pairs[j] for j in local]
-            batch = (sft.collate if sft_stage else data.collate)(batch_pairs, pad_id).to(accelerator.device)
             last = i == len(micro_batches) - 1
             # skip the gradient all-reduce on all but the last micro-batch of the step
             sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
             with sync:
                 if sft_stage:
-                    losses, metric_sums = sft.step(policy, batch)  # (B,), one sum per sft.METRICS
+                    batch = sft.collate([pairs[j] for j in local], pad_id).to(accelerator.device)
+                    losses, values = sft.step(policy, batch)  # (B,); per-example values in sft.METRICS order
+                elif loss_fn.unpaired:
+                    unpaired = data.collate_unpaired([pairs[j] for j in local], pad_id, cfg.data.max_length)
+                    unpaired = unpaired.to(accelerator.device)
+                    batch = unpaired.matched
+                    policy_rows = sequence_logps(policy, batch)
+                    ref_rows = reference.scores(unpaired.matched)
+                    with torch.no_grad():
+                        # KTO's z0: mean log-ratio of mismatched (x_i, y_{i-1}) rows, never differentiated
+                        kl = (sequence_logps(policy, unpaired.mismatched).logps
+                              - reference.scores(unpaired.mismatched).logps).mean()  # ()
+                    kl = accelerator.reduce(kl, reduction="mean")  # one estimate for the whole global batch
+                    lp = UnpairedLogps(policy_rows.logps, ref_rows.logps, policy_rows.lengths,
+                                       unpaired.desirable, kl)
+                    policy_chosen, policy_rejected = (policy_rows.rows(unpaired.desirable),
+                                                      policy_rows.rows(~unpaired.desirable))
                 else:
-                    policy_chosen, policy_rejected = sequence_logps(policy, batch).halves()
-                    ref_chosen_logps, ref_rejected_logps = reference.logps(batch, batch_pairs)  # (B,) each
-                    lp = Logps(policy_chosen.logps, policy_rejected.logps, policy_chosen.lengths,
-                               policy_rejected.lengths, ref_chosen_logps, ref_rejected_logps)
-                    out = loss_fn(lp)
-                    losses = out.losses  # (B,)
-                    metric_sums = [
-                        out.losses.sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
-                        (out.chosen_rewards > out.rejected_rewards).float().sum(),
-                        (out.chosen_rewards - out.rejected_rewards).sum(),
-                        policy_chosen.logps.sum(), policy_rejected.logps.sum(),
-                        policy_chosen.mean_logits.sum(), policy_rejected.mean_logits.sum()]
+                    batch_pairs = [pairs[j] for j in local]
+                    batch = data.collate(batch_pairs, pad_id).to(accelerator.device)
+                    tokens = dict(with_tokens=loss_fn.needs_token_logps)
+                    policy_chosen, policy_rejected = sequence_logps(
+                        policy, batch, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()
+                    ref_rows = reference.scores(batch, batch_pairs, **tokens)  # (2B,) rows; None: no reference
+                    ref_chosen, ref_rejected = ref_rows.halves() if ref_rows is not None else (None, None)
+                    lp = pair_logps(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+                if not sft_stage:
+                    out = loss_fn(lp, running)
+                    losses = out.losses  # (B,) per-example
+                    values = (out.losses, out.chosen_rewards, out.rejected_rewards, out.accuracies(),
+                              policy_chosen.logps, policy_rejected.logps,
+                              policy_chosen.mean_logits, policy_rejected.mean_logits)  # in PAIR_METRICS order
                 # DDP averages gradients over processes, hence x world: the step's gradient is that of
                 # the mean loss over every pair of the step, whatever the batch/accumulation/process split
                 accelerator.backward(losses.sum() * world / step_pairs)
             with torch.no_grad():
-                sums += torch.stack([
-                    *metric_sums,
-                    torch.tensor(float(len(local)), device=accelerator.device),
-                    batch.attention_mask.sum().float(),
-                ]).detach().float()
+                sums += torch.stack([v.detach().float().sum() for v in values]
+                                    + [torch.tensor(float(v.numel()), device=accelerator.device) for v in values]
+                                    + [batch.attention_mask.sum().float()])
 
         # --- optimiser step ---
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
@@ -139,16 +170,27 @@ def train(cfg: Config) -> Path:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if cfg.loss.ref_sync != "none" and (step + 1) % cfg.loss.ref_sync_every == 0:
+            alpha = 1.0 if cfg.loss.ref_sync == "hard" else cfg.loss.ref_sync_alpha
+            sync_reference(accelerator.unwrap_model(reference.model), accelerator.unwrap_model(policy), alpha)
 
         # --- metrics: summed over processes once, then divided by the pair count once ---
         sums = accelerator.reduce(sums, reduction="sum")
         elapsed = time.perf_counter() - t0
-        n_pairs, n_tokens = sums[-2].item(), sums[-1].item()
-        row = {"step": step + 1}
-        row.update({name: sums[k].item() / n_pairs for k, name in enumerate(metric_names)})
+        n_tokens = sums[-1].item()
+        means = {name: sums[k].item() / sums[n_metrics + k].item() if sums[n_metrics + k] > 0 else None
+                 for k, name in enumerate(metric_names)}  # None: no such example this step (KTO)
+        if running is not None:
+            chosen, rejected = PAIR_METRICS.index("rewards/chosen"), PAIR_METRICS.index("rewards/rejected")
+            running = running.update(sums[chosen].item() + sums[rejected].item(),
+                                     sums[n_metrics + chosen].item() + sums[n_metrics + rejected].item())
+        row = {"step": step + 1, **means}
+        if means.get("rewards/chosen") is not None and means.get("rewards/rejected") is not None:
+            row["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
         row.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=n_tokens / elapsed)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}")
+        accuracy = row.get("rewards/accuracies")  # absent for SFT, None on a KTO step without pairs
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc="-" if accuracy is None else f"{accuracy:.2f}")
         if metrics_file is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps):
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
