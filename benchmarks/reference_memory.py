@@ -36,23 +36,10 @@ MODES = {
 
 
 def reference_free_loss() -> str:
-    """A reference-free loss from the registry (by property); registers a SimPO-form one if there is none."""
-    import torch.nn.functional as F
+    """A reference-free loss from the registry, found by its property (the loop never runs a reference)."""
+    from preftune.losses import LOSSES
 
-    from preftune.losses import LOSSES, LossOut, LossSpec
-
-    for name, spec in LOSSES.items():
-        if not spec.needs_reference:
-            return name
-
-    def length_normalised(lp, *, beta: float = 2.0, gamma: float = 0.5) -> LossOut:
-        # SimPO, Meng et al. 2024 (arXiv:2405.14734), Eq. 6: the same forward and backward as DPO, no reference
-        chosen = beta * lp.policy_chosen_logps / lp.chosen_lengths
-        rejected = beta * lp.policy_rejected_logps / lp.rejected_lengths
-        return LossOut(-F.logsigmoid(chosen - rejected - gamma), chosen.detach(), rejected.detach())
-
-    LOSSES["bench_reference_free"] = LossSpec(length_normalised, False, "benchmark-only SimPO form")
-    return "bench_reference_free"
+    return next(name for name, spec in LOSSES.items() if not spec.needs_reference and not spec.unpaired)
 
 
 def child(spec: dict) -> None:

@@ -89,3 +89,20 @@ def test_target_modules_from_the_command_line(tiny):
         assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     with pytest.raises(config.ConfigError, match="expected a list"):
         config.from_dict({**raw, "lora": {"target_modules": 3}})
+
+
+def test_unpaired_kto_with_adapters_off_equals_a_frozen_copy(tiny):
+    """KTO scores matched and mismatched rows through the reference: the base with adapters off must give
+    what a frozen copy gives, step after step."""
+    from .test_losses_e2e import UNPAIRED
+
+    rows = {}
+    for mode in ("adapters_off", "copy"):
+        cfg = tiny(loss={"name": "kto"}, data={"train": str(UNPAIRED)}, lora=LORA, optim={"lr": 5e-2},
+                   reference={"mode": mode}, train={"max_steps": 6, "run_name": mode})
+        rows[mode] = read_metrics(train(cfg))
+    assert abs(rows["copy"][-1]["loss"] - rows["copy"][0]["loss"]) > 5e-3  # the policy moved
+    for a, b in zip(rows["copy"], rows["adapters_off"], strict=True):
+        for key in ("loss", "rewards/chosen", "rewards/rejected"):
+            if a[key] is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from preftune import cli, data
+from preftune import reference as reference_module
 from preftune import train as train_module
 from preftune.losses import LOSSES
 from preftune.modeling import load_model, load_tokenizer
@@ -98,6 +99,7 @@ def spy_on_forwards(monkeypatch) -> list[tuple[int, dict]]:
         return real(model, batch, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "sequence_logps", spy)
+    monkeypatch.setattr(reference_module, "sequence_logps", spy)  # the reference's forwards run there
     return calls
 
 
