@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     # data.x=y` leaves the overrides over; take them, and reject anything else as parse_args would
     if extra and getattr(args, "data_command", None) == "check" and not any(a.startswith("-") for a in extra):
         args.overrides += extra
+    elif args.command == "demo":  # the demo parses its own options (--quick, --help, ...)
+        args.demo_args = extra + args.demo_args
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
