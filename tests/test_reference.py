@@ -107,6 +107,16 @@ def test_precomputed_run_follows_the_on_the_fly_trajectory(tiny):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (cached, a["step"], key)
 
 
+def test_precomputed_serves_wpo_weighting_like_a_copy(tiny):
+    rows = {mode: read_metrics(train(tiny(loss={"name": "dpo", "weighting": "wpo"}, reference={"mode": mode},
+                                          train={"max_steps": 3, "run_name": mode})))
+            for mode in ("copy", "precomputed")}
+    assert rows["copy"][-1]["loss"] != pytest.approx(rows["copy"][0]["loss"], abs=1e-3)
+    for a, b in zip(rows["copy"], rows["precomputed"], strict=True):
+        for key in ("loss", "rewards/chosen", "rewards/rejected"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
 def test_precomputed_logps_are_read_from_the_cache_and_used(tiny, monkeypatch):
     first = tiny(train={"max_steps": 1, "run_name": "first"}, reference={"mode": "precomputed"})
     train(first)

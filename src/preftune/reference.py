@@ -100,13 +100,14 @@ class Reference:
         for a model-held reference, e.g. KTO's mismatched ones); None without a reference.
 
         A precomputed table answers by pair, so it needs `batch_pairs` (the pairs the rows come from, in
-        order) and holds sums only: config.validate keeps it away from losses that need more."""
+        order), and it holds sums only: its token fields are None (WPO reads only the policy's tokens;
+        config.validate keeps the table away from LD-DPO, which would need the reference's)."""
         if self.mode == "none":
             return None
         if self.table is not None:
-            if batch_pairs is None or with_tokens:
-                raise ValueError("precomputed reference log-probs are per pair and summed over tokens; this loss "
-                                 "needs per-row or per-token reference results (use copy, path or adapters_off)")
+            if batch_pairs is None:
+                raise ValueError("precomputed reference log-probs are per pair; this loss scores rows that are "
+                                 "not training pairs (use copy, path or adapters_off)")
             try:
                 rows = torch.stack([self.table[pair_key(p)] for p in batch_pairs])  # (B, 2)
             except KeyError:
