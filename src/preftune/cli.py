@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -79,6 +80,64 @@ def _losses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_config(args: argparse.Namespace, extra: list[str]):
+    """The run's (or a bare model's default) config with the command line's dotted overrides applied."""
+    from preftune import heldout
+
+    target = heldout.load_target(args.target, args.reference)
+    raw = config.apply_overrides(config.to_dict(target.cfg), extra + args.overrides)
+    target.cfg = config.from_dict(raw)
+    return target
+
+
+def _write_jsonl(path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from preftune import heldout
+
+    target = _target_config(args, [])
+    data_path, part = (args.data, "all") if args.data else heldout.eval_source(target.cfg)
+    if not data_path:
+        raise config.ConfigError("no held-out pairs: pass --data SOURCE (the run has no data.eval or eval_fraction)")
+    result, samples = heldout.evaluate_target(target, data_path, target.cfg.eval, target.cfg.judge, part=part,
+                                              progress=not args.quiet)
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = Path(args.out) if args.out else (target.run_dir / "eval.json" if target.run_dir else None)
+    if out is not None:
+        out.write_text(text + "\n")
+        if samples:
+            _write_jsonl(out.with_name("samples.jsonl"), samples)
+        print(f"wrote {out}" + (f" and {out.with_name('samples.jsonl')}" if samples else ""), file=sys.stderr)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from preftune import heldout
+
+    flags = {"eval.temperature": args.temperature, "eval.top_p": args.top_p, "eval.max_new_tokens": args.max_new_tokens,
+             "eval.seed": args.seed, "eval.n_per_prompt": args.n, "eval.batch_size": args.batch_size}
+    target = _target_config(args, [f"{k}={v}" for k, v in flags.items() if v is not None])
+    prompts = heldout.unique_prompts(args.prompts, args.num_prompts)
+    sbs = heldout.side_by_side(target.policy, target.reference, target.tokenizer, prompts, target.cfg.eval,
+                               progress=not args.quiet)
+    out = Path(args.out) if args.out else (target.run_dir or Path(".")) / "samples.jsonl"
+    _write_jsonl(out, sbs.rows())
+    print(f"wrote {len(sbs.policy)} side-by-side samples for {len(prompts)} prompts to {out}", file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from preftune.report import write_report
+
+    print(write_report(args.run, args.out, max_samples=args.max_samples))
+    return 0
+
+
 def _data_check(args: argparse.Namespace) -> int:
     import yaml
 
@@ -145,6 +204,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("losses", help="list the available losses and their hyperparameters")
     p.set_defaults(func=_losses)
 
+    p = sub.add_parser("eval", help="held-out preference metrics, KL and win rate of a run against its reference",
+                       description="Preference accuracy, reward margins, implicit rewards and log-probs of the "
+                       "policy against its reference on held-out pairs, with bootstrap intervals, as JSON. With "
+                       "eval.prompts > 0 (default 64) it also samples both models for KL(policy || reference), "
+                       "and with judge.name set, the policy's win rate. Writes <run>/eval.json and "
+                       "<run>/samples.jsonl.\n\nexample:\n  preftune eval runs/tiny --data heldout.jsonl "
+                       "judge.name=length eval.prompts=32",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help="run directory (reference rebuilt from its config.yaml) or HF model directory")
+    p.add_argument("--data", help="held-out preference source, any format train reads (default: the run's "
+                   "data.eval, or the records its data.eval_fraction held out)")
+    p.add_argument("--reference", help="reference model directory (required for a bare model directory)")
+    p.add_argument("--out", help="JSON output file (default <run>/eval.json; samples.jsonl beside it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of eval.* / judge.* keys, e.g. judge.name=length")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("generate", help="sample policy and reference side by side on the same prompts (JSONL)",
+                       description="Sample the policy and its reference on the same prompts with the same seed, "
+                       "batched, with progress; one JSON line per sample: prompt, reference, policy.")
+    p.add_argument("target", help="run directory or HF model directory (then --reference is required)")
+    p.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line (pairs files work)")
+    p.add_argument("--reference", help="reference model directory (required for a bare model directory)")
+    p.add_argument("--out", help="output JSONL (default <run>/samples.jsonl)")
+    p.add_argument("--num-prompts", type=int, default=0, help="use the first N distinct prompts (0 = all)")
+    p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, help="nucleus mass (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, help="longest completion (default 64)")
+    p.add_argument("--seed", type=int, help="sampling seed, shared by both models (default 0)")
+    p.add_argument("--n", type=int, help="samples per prompt from each model (default 1)")
+    p.add_argument("--batch-size", type=int, help="sequences per generate call (default 16)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.temperature=0.7")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of a run (plots, eval tables, samples)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", help="HTML file (default <run>/report.html)")
+    p.add_argument("--max-samples", type=int, default=50, help="sample rows shown")
+    p.set_defaults(func=_report)
+
     p = sub.add_parser("data", help="inspect preference data (see `preftune data check --help`)")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser(
@@ -171,12 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # argparse stops filling a trailing positional list at the first option, so `data check SOURCE --model M
-    # data.x=y` leaves the overrides over; take them, and reject anything else as parse_args would
-    if extra and getattr(args, "data_command", None) == "check" and not any(a.startswith("-") for a in extra):
-        args.overrides += extra
-    elif args.command == "demo":  # the demo parses its own options (--quick, --help, ...)
+    # argparse stops filling a trailing positional list (the dotted overrides) at the first option, so
+    # `eval RUN --data F judge.name=x` leaves them over; take them, and reject anything else as parse_args would
+    if args.command == "demo":  # the demo parses its own options (--quick, --help, ...)
         args.demo_args = extra + args.demo_args
+    elif extra and hasattr(args, "overrides") and not any(e.startswith("-") or "=" not in e for e in extra):
+        args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -195,6 +195,74 @@ class TrainConfig:
     stage: str = "preference"
     """preference (DPO and family on pairs) or sft (supervised fine-tuning on the chosen responses or
     prompt/completion records; `preftune sft` sets it)."""
+    eval_every: int = 0
+    """Evaluate on the held-out pairs (data.eval or data.eval_fraction) every this many optimiser steps (and
+    after the last); rows go to the metrics with an `eval/` prefix. 0 = never."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 16
+    """Pairs per forward, and sequences per generate call, when evaluating or sampling."""
+    prompts: int = 64
+    """Distinct held-out prompts sampled for win rate and KL (`preftune eval`, in-training eval);
+    0 = pair metrics only."""
+    n_per_prompt: int = 1
+    """Samples per prompt from each of policy and reference."""
+    max_new_tokens: int = 64
+    """Longest sampled completion in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 = greedy. KL is only an unbiased estimate at 1.0 with top_p 1.0."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 samples from the full distribution."""
+    seed: int = 0
+    """Seeds sampling (policy and reference use the same seed) and the bootstrap."""
+    level: float = 0.95
+    """Confidence level of the bootstrap intervals."""
+    n_boot: int = 2000
+    """Bootstrap resamples per interval."""
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    name: str = ""
+    """Who decides policy-vs-reference wins: a reward name (length, sentiment), reward_model, openai, or
+    module:function (a reward function of (prompts, completions); needs allow_code). Empty = no win rate."""
+    allow_code: bool = False
+    """Opt in to importing and running the module:function named in `judge.name`."""
+    path: str = ""
+    """reward_model: local HF sequence-classification directory (safetensors weights); sentiment: a classifier
+    directory (empty = the one `preftune demo` cached last)."""
+    label: int = 1
+    """reward_model with several labels: the label whose log-probability is the score."""
+    batch_size: int = 16
+    """reward_model: texts per forward."""
+    url: str = ""
+    """openai: base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1."""
+    model: str = ""
+    """openai: model name sent with each request."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai: environment variable holding the API key (never logged); empty = send no key."""
+    question: str = "Which response answers the prompt better?"
+    """openai: the criterion put to the judge above the prompt and the two responses."""
+    timeout_s: float = 60.0
+    """openai: seconds to wait for one reply."""
+    retries: int = 3
+    """openai: further attempts after a timeout, connection error, HTTP 429 or 5xx."""
+    backoff_s: float = 1.0
+    """openai: wait before the first retry, doubled for each later one."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <run>/tensorboard (pip install 'preftune[logging]')."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package; an error if it is missing)."""
+    wandb_project: str = "preftune"
+    """W&B project; the run is named after train.run_name."""
+    wandb_mode: str = "online"
+    """W&B mode: online, offline (sync later with `wandb sync`) or disabled."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +274,9 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def run_dir(self) -> Path:
         return Path(self.train.output_dir) / (self.train.run_name or "run")
@@ -403,6 +474,7 @@ _CHOICES = {
     "loss.weighting": ("none", "wpo"),
     "loss.divergence": ("reverse_kl", "forward_kl", "js", "alpha"),
     "loss.ref_sync": ("none", "soft", "hard"),
+    "log.wandb_mode": ("online", "offline", "disabled"),
 }
 
 
@@ -439,7 +511,8 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-    positive = ["train.batch_size", "train.grad_accum", "train.log_every"]
+    positive = ["train.batch_size", "train.grad_accum", "train.log_every", "eval.batch_size", "eval.n_per_prompt",
+                "eval.max_new_tokens", "eval.n_boot", "judge.batch_size", "judge.timeout_s"]
     for key in positive:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
@@ -451,6 +524,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(getattr(cfg, section), name)}")
     if cfg.train.max_steps < 0 or cfg.optim.warmup_steps < 0:
         raise ConfigError("train.max_steps and optim.warmup_steps must be >= 0")
+    for key in ("train.eval_every", "eval.prompts", "eval.temperature", "judge.retries", "judge.backoff_s"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {getattr(getattr(cfg, section), name)}")
+    if not 0 < cfg.eval.top_p <= 1 or not 0 < cfg.eval.level < 1:
+        raise ConfigError(f"eval.top_p must be in (0, 1] and eval.level in (0, 1); got {cfg.eval.top_p}, "
+                          f"{cfg.eval.level}")
+    if cfg.train.eval_every and not cfg.data.eval and cfg.data.eval_fraction == 0:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs held-out pairs: data.eval, or "
+                          "data.eval_fraction > 0")
     from preftune.losses import LOSSES  # late: losses import torch, config loading should not need to
 
     if cfg.loss.name not in LOSSES:
@@ -516,6 +599,10 @@ def _validate_reference(cfg: Config, spec: Any) -> None:
         if spec.unpaired:
             raise ConfigError(f"reference.mode='precomputed': {cfg.loss.name!r} also scores mismatched "
                               "completions that depend on each batch; use copy, path or adapters_off")
+        if cfg.train.eval_every > 0:
+            raise ConfigError("reference.mode='precomputed' with train.eval_every > 0: held-out eval and its KL "
+                              "run the reference on rows the table does not hold; use copy, or evaluate "
+                              "afterwards with `preftune eval` (it rebuilds the reference)")
         if cfg.loss.ld_alpha != 1.0:
             raise ConfigError("reference.mode='precomputed': loss.ld_alpha needs per-token reference "
                               "log-probs, which the table does not keep; use copy, path or adapters_off")

@@ -37,12 +37,13 @@ class Samples:
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[str], *, n_per_prompt: int = 1, max_new_tokens: int = 24,
            temperature: float = 1.0, batch_size: int = 64, seed: int = 0, progress: bool = True,
-           desc: str = "sample") -> Samples:
+           desc: str = "sample", top_p: float = 1.0, synced_gpus: bool = False) -> Samples:
     """Sample `n_per_prompt` completions of up to `max_new_tokens` for every prompt (pure ancestral sampling:
     no top-k/top-p, so the samples follow the model's distribution and the KL estimate below is unbiased).
 
     temperature 0 means greedy decoding. Rows are left-padded; generation stops early once every row of a
-    batch has sampled EOS.
+    batch has sampled EOS. top_p < 1 samples from the nucleus only (a KL from such samples is biased).
+    synced_gpus keeps every process stepping until all are done: under FSDP each forward is a collective.
     """
     was_training = model.training
     model.eval()
@@ -61,11 +62,13 @@ def sample(model, tokenizer, prompts: Sequence[str], *, n_per_prompt: int = 1, m
         for r, ids in enumerate(chunk):
             input_ids[r, width - len(ids):] = torch.tensor(ids)
             attention_mask[r, width - len(ids):] = 1
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p} \
             if temperature > 0 else {"do_sample": False}
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+        device = next(model.parameters()).device
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             max_new_tokens=max_new_tokens,
                              min_new_tokens=1, pad_token_id=pad, eos_token_id=eos, use_cache=True,
-                             **sampling)  # (b, T + new)
+                             synced_gpus=synced_gpus, **sampling)  # (b, T + new)
         for row in out[:, width:].tolist():
             if eos is not None and eos in row:
                 row = row[:row.index(eos) + 1]  # keep the EOS: ending is a choice the policy made
@@ -96,7 +99,7 @@ def completion_logps(model, samples: Samples, *, batch_size: int = 64, pad_id: i
             labels[r, len(p):len(p) + len(c)] = torch.tensor(c)
             attention_mask[r, :len(p) + len(c)] = 1
         batch = Batch(input_ids, attention_mask, labels, [""] * len(chunk))
-        out.append(sequence_logps(model, batch).logps.float())
+        out.append(sequence_logps(model, batch.to(next(model.parameters()).device)).logps.float().cpu())
     model.train(was_training)
     return torch.cat(out)
 

@@ -127,6 +127,17 @@ class Reference:
         finally:
             self.model.train(was_training)
 
+    def as_module(self) -> torch.nn.Module | None:
+        """The reference as a module for code that runs it on arbitrary rows or samples (held-out eval, KL):
+        the frozen model, or the policy wrapped so that every call runs with its adapters off; None without
+        a reference. A precomputed table has no module (config.validate refuses in-training eval with it)."""
+        if self.mode == "none":
+            return None
+        if self.table is not None:
+            raise ValueError("a precomputed reference has no model to run on held-out rows; use copy or "
+                             "evaluate afterwards with `preftune eval`, which rebuilds the reference")
+        return _AdaptersOff(self.model, self._peft) if self._peft is not None else self.model
+
     # --- precomputed ---
 
     def _precompute(self, cfg: Config, accelerator: Accelerator, policy: torch.nn.Module, tokenizer,
@@ -153,6 +164,24 @@ class Reference:
                 save_cached(self.cache_file, table, key)
             accelerator.wait_for_everyone()
         self.table = {pair_key(p): row for p, row in zip(pairs, table, strict=True)}
+
+
+class _AdaptersOff(torch.nn.Module):
+    """The (LoRA) policy seen as its frozen base: each forward runs in eval mode with the adapters off."""
+
+    def __init__(self, policy: torch.nn.Module, peft: torch.nn.Module):
+        super().__init__()
+        self._held = (policy, peft)  # a tuple, not submodules: this wrapper owns no parameters
+
+    def forward(self, *args, **kwargs):
+        policy, peft = self._held
+        was_training = policy.training
+        policy.eval()
+        try:
+            with torch.no_grad(), peft.disable_adapter():
+                return policy(*args, **kwargs)
+        finally:
+            policy.train(was_training)
 
 
 def load_reference_model(cfg: Config, tokenizer) -> torch.nn.Module:
@@ -250,25 +279,29 @@ def save_cached(path: Path, table: Tensor, key: str) -> None:
 
 
 def model_for_eval(run_dir: str | Path) -> tuple[torch.nn.Module, object]:
-    """The reference a finished run trained against, as a frozen model for evaluation (e.g. the KL of
-    evaluate.sequence_kl), rebuilt from the run's config.yaml; never the trained policy.
-
-    copy / precomputed: the starting policy (with model.adapter_path: that starting adapter model); path or
-    precomputed with reference.path: that model; adapters_off: the base. Returns (model, tokenizer).
-    """
-    from preftune import config, lora
+    """The reference a finished run trained against, as a frozen model for evaluation, rebuilt from the run's
+    config.yaml; never the trained policy. Returns (model, tokenizer)."""
+    from preftune import config
     from preftune.modeling import load_tokenizer
 
     cfg = config.load(Path(run_dir) / "config.yaml")
-    mode = resolve_mode(cfg)
-    if mode == "none":
+    if resolve_mode(cfg) == "none":
         raise ValueError(f"run {str(run_dir)!r} trained without a reference ({cfg.train.stage} stage, loss "
                          f"{cfg.loss.name!r}); compare against its starting model instead: {cfg.model.path!r}")
     tokenizer = load_tokenizer(cfg.model)
+    return starting_reference(cfg, tokenizer), tokenizer
+
+
+def starting_reference(cfg: Config, tokenizer) -> torch.nn.Module:
+    """The reference of `cfg` rebuilt from disk, frozen: reference.path when set; otherwise the starting
+    policy (with model.adapter_path: that starting adapter model, never the bare base); the base for
+    adapters_off."""
+    from preftune import lora
+
     if cfg.reference.path:
         model = load_reference_model(cfg, tokenizer)
     else:
         model = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
-        if cfg.model.adapter_path and mode != "adapters_off":
+        if cfg.model.adapter_path and resolve_mode(cfg) != "adapters_off":
             model = lora.wrap(model, cfg.lora, cfg.model.adapter_path)
-    return model.eval().requires_grad_(False), tokenizer
+    return model.eval().requires_grad_(False)

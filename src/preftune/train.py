@@ -8,7 +8,6 @@ batch 4 consume the same pairs in the same order.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -19,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune import checkpoint, data, lora, sft
+from preftune import checkpoint, data, heldout, lora, sft, sinks
 from preftune.config import Config, OptimConfig
 from preftune.logps import sequence_logps
 from preftune.losses import RunningMean, UnpairedLogps, bind, pair_logps
@@ -74,6 +73,8 @@ def train(cfg: Config) -> Path:
     say(report.summary())
     if accelerator.is_main_process:
         checkpoint.write_json(run_dir / "data_report.json", vars(report))
+    eval_from, eval_part = heldout.eval_source(cfg)
+    eval_pairs = data.load_pairs(eval_from, tokenizer, cfg.data, part=eval_part)[0] if cfg.train.eval_every else []
 
     # --- models ---
     policy = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
@@ -99,6 +100,8 @@ def train(cfg: Config) -> Path:
     say(f"{len(pairs)} {'examples' if sft_stage else 'pairs'}, {total_steps} steps of {pairs_per_step}, "
         f"{'sft' if sft_stage else 'loss ' + cfg.loss.name}, reference {reference.mode}"
         f"{' (cached)' if reference.cache_hit else ''}, {world} process(es), run dir {run_dir}")
+    # held-out eval scores arbitrary rows and samples: it gets the reference as a module (never the policy)
+    eval_reference = reference.as_module() if eval_pairs else None
 
     # --- loop ---
     global_batch = cfg.train.batch_size * world
@@ -109,7 +112,15 @@ def train(cfg: Config) -> Path:
     running = RunningMean() if loss_fn.running_state and not sft_stage else None
     metric_names = sft.METRICS if sft_stage else PAIR_METRICS
     n_metrics = len(metric_names)
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    sinks.check_available(cfg)  # on every rank: a missing package must stop all of them
+    metric_sinks = sinks.Sinks(cfg, run_dir) if accelerator.is_main_process else None
+    if eval_pairs:
+        eval_loss = heldout.pair_loss(cfg)
+        eval_shard, eval_weights = heldout.shard_for_rank(eval_pairs, rank, world, cfg.eval.batch_size)
+        kl_prompts = heldout.prompts_of(eval_pairs, tokenizer, cfg.eval.prompts) \
+            if eval_reference is not None and cfg.eval.prompts > 0 else []
+        if kl_prompts:
+            kl_shard, kl_weights = heldout.shard_for_rank(kl_prompts, rank, world, cfg.eval.batch_size)
     bar = tqdm(total=total_steps, desc="train", disable=not (accelerator.is_main_process and cfg.train.progress))
     for step in range(total_steps):
         t0 = time.perf_counter()
@@ -191,12 +202,23 @@ def train(cfg: Config) -> Path:
         bar.update(1)
         accuracy = row.get("rewards/accuracies")  # absent for SFT, None on a KTO step without pairs
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc="-" if accuracy is None else f"{accuracy:.2f}")
-        if metrics_file is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps):
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+
+        # --- held-out eval: every rank scores its equal-length shard (a rank-0-only forward hangs FSDP) ---
+        evaluating = bool(eval_pairs) and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total_steps)
+        if evaluating:
+            eval_sums = heldout.eval_sums(policy, eval_reference, eval_shard, eval_weights, loss_fn=eval_loss,
+                                          pad_id=pad_id, batch_size=cfg.eval.batch_size, device=accelerator.device)
+            kl_sums = heldout.kl_sums(accelerator.unwrap_model(policy), policy, eval_reference, tokenizer, kl_shard,
+                                      kl_weights, cfg.eval, synced_gpus=world > 1,
+                                      device=accelerator.device) if kl_prompts else None
+            row.update(heldout.eval_row(accelerator.reduce(eval_sums, reduction="sum"),
+                                        None if kl_sums is None else accelerator.reduce(kl_sums, reduction="sum")))
+        if metric_sinks is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps
+                                         or evaluating):
+            metric_sinks.write(row)
     bar.close()
-    if metrics_file is not None:
-        metrics_file.close()
+    if metric_sinks is not None:
+        metric_sinks.close()
 
     # --- export ---
     checkpoint.export(accelerator, policy, tokenizer, run_dir / "final")

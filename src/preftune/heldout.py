@@ -1,0 +1,292 @@
+"""Held-out evaluation of a trained policy against its reference: pair metrics with bootstrap intervals,
+side-by-side samples, win rate under a judge and sequence-level KL.
+
+`preftune eval`, `preftune generate` and the loop's in-training eval all go through here. Nothing here
+touches Accelerate: the loop shards pairs with `shard_for_rank` and reduces the sums itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from preftune import config
+from preftune.data import TokenizedPair, collate
+from preftune.evaluate import Samples, bootstrap_ci, per_prompt_mean, sample, sequence_kl
+from preftune.logps import sequence_logps
+from preftune.losses import BoundLoss, bind, pair_logps
+from preftune.modeling import load_model, load_tokenizer
+
+# per-pair quantities `score_pairs` returns, in the order the loop logs them
+PAIR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
+REF_KEYS = ("ref_logps/chosen", "ref_logps/rejected")
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class Target:
+    """What `preftune eval/generate` compares: a policy, its reference and how the run trained it."""
+
+    cfg: config.Config  # the run's config (loss, beta, data limits); defaults for a bare model directory
+    tokenizer: object
+    policy: torch.nn.Module
+    reference: torch.nn.Module
+    run_dir: Path | None  # None when a bare model directory was given
+
+
+def reference_model(cfg: config.Config, tokenizer) -> torch.nn.Module:
+    """The model a run's policy is compared against, rebuilt from its config: the starting model.
+
+    Never the trained policy (ANCHORS: reference log-probs computed with the trained policy make every
+    reward zero). The one place to extend when the config grows other reference sources: a `reference.path`
+    (e.g. an SFT model) wins; otherwise `model.path`, or `model.arch` initialised with `train.seed`, exactly
+    as `train()` built the starting policy.
+    """
+    from preftune.reference import starting_reference  # late: reference imports the model loaders too
+
+    return starting_reference(cfg, tokenizer)
+
+
+def load_target(path: str | Path, reference: str | Path | None = None) -> Target:
+    """A run directory (policy = run/final, reference rebuilt from run/config.yaml) or a bare HF model
+    directory (then `reference`, another model directory, is required: a bare model has no known start)."""
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        cfg = config.load(path / "config.yaml")
+        policy_dir = path / "final"
+        if not policy_dir.is_dir():
+            raise ValueError(f"{path}: run has no exported policy at {policy_dir} (did training finish?)")
+        run_dir: Path | None = path
+    elif path.is_dir():
+        if reference is None:
+            raise ValueError(f"{path} is a model directory, not a run (no config.yaml): pass --reference "
+                             "MODEL_DIR to name the model it is compared against")
+        cfg = config.from_dict({"model": {"path": str(path)}})
+        policy_dir, run_dir = path, None
+    else:
+        raise ValueError(f"{path}: no such run or model directory")
+    model_cfg = dataclasses.replace(cfg.model, path=str(policy_dir), arch={}, tokenizer="")
+    tokenizer = load_tokenizer(model_cfg)
+    policy = load_model(model_cfg, tokenizer).eval()
+    if reference is not None:
+        ref_model = load_model(dataclasses.replace(model_cfg, path=str(reference)), tokenizer).eval()
+    else:
+        ref_model = reference_model(cfg, tokenizer)
+    return Target(cfg, tokenizer, policy, ref_model, run_dir)
+
+
+def pair_loss(cfg: config.Config) -> BoundLoss:
+    """The loss whose rewards and value held-out pairs are scored with: the run's own, with its modifiers;
+    for an unpaired loss (KTO) DPO with the run's beta, whose implicit reward beta * log-ratio is KTO's too."""
+    loss_fn = bind(cfg.loss)
+    return bind("dpo", cfg.loss.beta) if loss_fn.unpaired else loss_fn
+
+
+def eval_source(cfg: config.Config) -> tuple[str, str]:
+    """(source, part) of a run's held-out pairs for `data.load_pairs`: `data.eval`, else the records of
+    `data.train` that `data.eval_fraction` holds out; ("", "all") when the run has neither."""
+    if cfg.data.eval:
+        return cfg.data.eval, "eval"
+    if cfg.data.eval_fraction > 0:
+        return cfg.data.train, "eval"
+    return "", "all"
+
+
+def prompts_of(pairs: Sequence[TokenizedPair], tokenizer, limit: int) -> list[str]:
+    """Distinct prompts of tokenised pairs, in order, at most `limit` (0 = all), as text `sample` encodes
+    again: decoded with special tokens kept, so a chat template's markers survive (encode_prompt drops a
+    doubled BOS)."""
+    prompts: list[str] = []
+    seen: set[tuple[int, ...]] = set()
+    for pair in pairs:
+        key = tuple(pair.prompt_ids)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(tokenizer.decode(pair.prompt_ids, skip_special_tokens=False))
+            if len(prompts) == limit:
+                break
+    return prompts
+
+
+def shard_for_rank(items: Sequence[T], rank: int, world: int, batch_size: int) -> tuple[list[T], torch.Tensor]:
+    """This rank's items (pairs or prompts), padded so every rank runs the same number of batches, and their
+    weights (n,): 1 for its own items, 0 for padding.
+
+    Every rank must take part in every forward (under FSDP a forward is a collective: a rank that skips one
+    hangs the others), so the short shards are topped up with copies of item 0 weighted 0.
+    """
+    items = list(items)
+    per_rank = math.ceil(len(items) / world)
+    padded = math.ceil(per_rank / batch_size) * batch_size
+    mine = items[rank::world]
+    weights = torch.tensor([1.0] * len(mine) + [0.0] * (padded - len(mine)))
+    return mine + [items[0]] * (padded - len(mine)), weights
+
+
+def eval_sums(policy, reference, pairs: list[TokenizedPair], weights: torch.Tensor, *, loss_fn, pad_id: int,
+              batch_size: int, device) -> torch.Tensor:
+    """Weighted sums of every PAIR_KEYS metric over this rank's pairs, then the weight total: (K + 1,).
+    Summed over ranks and divided once by the total, they give the same means as one process."""
+    per_pair = score_pairs(policy, reference, pairs, loss_fn=loss_fn, pad_id=pad_id, batch_size=batch_size,
+                           device=device)
+    weights = weights.to(device)
+    return torch.stack([(per_pair[k] * weights).sum() for k in PAIR_KEYS] + [weights.sum()])
+
+
+def kl_sums(generator, policy, reference, tokenizer, prompts: list[str], weights: torch.Tensor,
+            ev: config.EvalConfig, *, synced_gpus: bool, device) -> torch.Tensor:
+    """(sum over this rank's prompts of the per-prompt sequence KL, weight total): (2,).
+
+    `generator` is the model `generate` runs on (the unwrapped policy); `policy` scores the samples.
+    """
+    samples = sample(generator, tokenizer, prompts, n_per_prompt=ev.n_per_prompt, max_new_tokens=ev.max_new_tokens,
+                     temperature=ev.temperature, top_p=ev.top_p, batch_size=ev.batch_size, seed=ev.seed,
+                     progress=False, synced_gpus=synced_gpus)
+    terms = sequence_kl(policy, reference, samples, batch_size=ev.batch_size, pad_id=tokenizer.pad_token_id)
+    per_prompt = torch.tensor(per_prompt_mean(terms, ev.n_per_prompt), dtype=torch.float32)
+    return torch.stack([(per_prompt * weights).sum(), weights.sum()]).to(device)
+
+
+def eval_row(pair_sums: torch.Tensor, kl: torch.Tensor | None) -> dict[str, float]:
+    """The `eval/...` metrics from sums already reduced over ranks."""
+    row = {f"eval/{k}": pair_sums[i].item() / pair_sums[-1].item() for i, k in enumerate(PAIR_KEYS)}
+    if kl is not None:
+        row["eval/kl"] = kl[0].item() / kl[1].item()
+    return row
+
+
+@torch.no_grad()
+def score_pairs(policy: torch.nn.Module, reference: torch.nn.Module | None, pairs: list[TokenizedPair], *,
+                loss_fn, pad_id: int, batch_size: int, device: torch.device | str = "cpu"
+                ) -> dict[str, torch.Tensor]:
+    """Per-pair loss, implicit rewards, accuracy, margins and log-probs: each (N,) float32 on `device`.
+
+    Rewards are what the run's loss calls its rewards (beta * log-ratio for DPO), so held-out numbers read
+    like the training rows. With a reference, its log-probs come too (`ref_logps/...`). A loss with running
+    state (BCO's reward shift) is scored with the state at its start (shift 0).
+    """
+    was_training = policy.training
+    policy.eval()
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in PAIR_KEYS + (REF_KEYS if reference is not None else ())}
+    for start in range(0, len(pairs), batch_size):
+        batch = collate(pairs[start:start + batch_size], pad_id).to(device)
+        tokens = dict(with_tokens=loss_fn.needs_token_logps)  # LD-DPO and WPO read per-token log-probs
+        chosen, rejected = sequence_logps(policy, batch, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()
+        ref_chosen = ref_rejected = None
+        if reference is not None:
+            ref_chosen, ref_rejected = sequence_logps(reference, batch, **tokens).halves()
+            out["ref_logps/chosen"].append(ref_chosen.logps)
+            out["ref_logps/rejected"].append(ref_rejected.logps)
+        lo = loss_fn(pair_logps(chosen, rejected, ref_chosen, ref_rejected))
+        for key, value in zip(PAIR_KEYS, (
+                lo.losses, lo.chosen_rewards, lo.rejected_rewards, lo.accuracies().float(),
+                lo.chosen_rewards - lo.rejected_rewards, chosen.logps, rejected.logps, chosen.mean_logits,
+                rejected.mean_logits), strict=True):
+            out[key].append(value)
+    policy.train(was_training)
+    return {k: torch.cat(v).float() for k, v in out.items()}
+
+
+def summarise(per_pair: dict[str, torch.Tensor], *, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+              ) -> dict[str, dict[str, float]]:
+    """{metric: {mean, low, high}}: the mean over pairs and its percentile bootstrap interval."""
+    out = {}
+    for key, values in per_pair.items():
+        mean, low, high = bootstrap_ci(values.cpu().numpy(), level=level, n_boot=n_boot, seed=seed)
+        out[key] = {"mean": mean, "low": low, "high": high}
+    return out
+
+
+def unique_prompts(pairs_path: str | Path, limit: int) -> list[str]:
+    """Distinct prompts of a preference (or {"prompt"}-only) JSONL file in file order; at most `limit`."""
+    prompts: list[str] = []
+    seen: set[str] = set()
+    with open(pairs_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise ValueError(f"{pairs_path}:{lineno}: expected an object with a string field 'prompt'")
+            if obj["prompt"] not in seen:
+                seen.add(obj["prompt"])
+                prompts.append(obj["prompt"])
+    return prompts[:limit] if limit > 0 else prompts
+
+
+@dataclasses.dataclass
+class SideBySide:
+    """Policy and reference samples for the same prompts: policy sample i and reference sample i share
+    prompt i // n_per_prompt and the sampling seed."""
+
+    policy: Samples
+    reference: Samples
+
+    def rows(self) -> list[dict]:
+        return [{"prompt": self.policy.prompts[self.policy.prompt_of(i)], "sample": i % self.policy.n_per_prompt,
+                 "policy": self.policy.completions[i], "reference": self.reference.completions[i]}
+                for i in range(len(self.policy))]
+
+
+def side_by_side(policy, reference, tokenizer, prompts: list[str], ev: config.EvalConfig,
+                 progress: bool = True) -> SideBySide:
+    kwargs = dict(n_per_prompt=ev.n_per_prompt, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
+                  top_p=ev.top_p, batch_size=ev.batch_size, seed=ev.seed, progress=progress)
+    return SideBySide(sample(policy, tokenizer, prompts, desc="policy", **kwargs),
+                      sample(reference, tokenizer, prompts, desc="reference", **kwargs))
+
+
+def kl_summary(policy, reference, samples: Samples, *, pad_id: int, batch_size: int, level: float,
+               n_boot: int, seed: int) -> dict[str, float]:
+    """Sequence-level KL(policy || reference) in nats per completion from the policy's own samples, with a
+    bootstrap interval over prompts (samples of one prompt are not independent)."""
+    terms = sequence_kl(policy, reference, samples, batch_size=batch_size, pad_id=pad_id)  # (N,)
+    mean, low, high = bootstrap_ci(per_prompt_mean(terms, samples.n_per_prompt), level=level, n_boot=n_boot,
+                                   seed=seed)
+    return {"mean": mean, "low": low, "high": high, "samples": len(terms)}
+
+
+def evaluate_target(target: Target, data_path: str | Path, ev: config.EvalConfig, judge_cfg: config.JudgeConfig,
+                    *, part: str = "all", progress: bool = True) -> tuple[dict, list[dict]]:
+    """Everything `preftune eval` reports, as a JSON-ready dict, plus the side-by-side sample rows.
+
+    Pair metrics always; when `ev.prompts` > 0, samples from both models, the policy's KL from its reference
+    and, when a judge is named, the policy's win rate over the reference.
+    """
+    from preftune import judges
+    from preftune.data import load_pairs
+
+    if judge_cfg.name and ev.prompts == 0:
+        raise ValueError(f"judge.name={judge_cfg.name!r} judges samples, but eval.prompts=0 samples none")
+    judge = judges.build(judge_cfg) if judge_cfg.name else None  # before any model work: fail fast
+    cfg, tok = target.cfg, target.tokenizer
+    pairs, report = load_pairs(data_path, tok, cfg.data, part=part)
+    loss_fn = pair_loss(cfg)
+    per_pair = score_pairs(target.policy, target.reference, pairs, loss_fn=loss_fn, pad_id=tok.pad_token_id,
+                           batch_size=ev.batch_size)
+    ci = {"level": ev.level, "n_boot": ev.n_boot, "seed": ev.seed}
+    result: dict = {"data": str(data_path), "pairs": len(pairs), "skipped": len(report.skipped),
+                    "loss": cfg.loss.name, "beta": cfg.loss.beta, "level": ev.level,
+                    "metrics": summarise(per_pair, **ci)}
+    rows: list[dict] = []
+    if ev.prompts > 0:
+        prompts = prompts_of(pairs, tok, ev.prompts)
+        sbs = side_by_side(target.policy, target.reference, tok, prompts, ev, progress=progress)
+        rows = sbs.rows()
+        result["kl"] = kl_summary(target.policy, target.reference, sbs.policy, pad_id=tok.pad_token_id,
+                                  batch_size=ev.batch_size, **ci)
+        if judge is not None:
+            verdict = judges.judge_samples(judge, sbs, **ci)
+            result["win_rate"] = verdict.summary
+            for row, p_score, r_score in zip(rows, verdict.policy_scores, verdict.reference_scores, strict=True):
+                row.update(policy_score=p_score, reference_score=r_score)
+        result["sampling"] = {k: getattr(ev, k) for k in ("prompts", "n_per_prompt", "max_new_tokens",
+                                                         "temperature", "top_p", "seed")}
+    return result, rows
