@@ -261,3 +261,26 @@ def test_model_for_eval_is_the_reference_the_run_trained_against(tiny):
                                rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="without a reference"):
         reference.model_for_eval(train(tiny(train={"stage": "sft", "max_steps": 1, "run_name": "sft"})))
+
+
+def test_adapters_off_as_a_module_is_the_base_not_the_trained_policy(tiny):
+    """What held-out eval and its KL receive as 'the reference' in adapters_off mode."""
+    cfg = tiny(lora={"enabled": True, "r": 4})
+    accelerator = Accelerator()
+    tokenizer = load_tokenizer(cfg.model)
+    pairs, _ = load_pairs(cfg.data.train, tokenizer, cfg.data)
+    base = load_model(cfg.model, tokenizer, seed=cfg.train.seed).eval()
+    policy = lora.wrap(load_model(cfg.model, tokenizer, seed=cfg.train.seed), cfg.lora)
+    ref = Reference.build(cfg, policy, tokenizer)
+    policy = accelerator.prepare(policy)
+    module = ref.prepare(cfg, accelerator, policy, tokenizer, pairs).as_module()
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)  # as if trained
+    batch = collate(pairs[:4], tokenizer.pad_token_id)
+    with torch.no_grad():
+        want = sequence_logps(base, batch).logps
+        torch.testing.assert_close(sequence_logps(module, batch).logps, want, rtol=0, atol=1e-5)
+        assert (sequence_logps(policy, batch).logps - want).abs().max() > 1e-2  # the policy did move
+    assert policy.training  # the wrapper restored the policy's mode
