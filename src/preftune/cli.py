@@ -26,7 +26,7 @@ def config_reference() -> str:
 def _train(args: argparse.Namespace) -> int:
     from preftune.train import train
 
-    cfg = config.load(args.config, args.overrides)
+    cfg = config.load(args.config, args.overrides + (["train.resume=auto"] if args.resume else []))
     train(cfg)
     return 0
 
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="config keys:\n" + config_reference())
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.2 optim.lr=5e-7")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run from its newest valid checkpoint (train.resume=auto); a specific "
+                   "checkpoint: train.resume=PATH")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("losses", help="list the available losses and their hyperparameters")
@@ -84,4 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         if type(err).__module__.startswith("preftune") or type(err) is ValueError:
             print(f"preftune: error: {err}", file=sys.stderr)
             return 2
+        raise
+    except RuntimeError as err:  # CheckpointError (e.g. a full disk), NonFiniteError: the run stopped, diagnosed
+        if type(err).__module__.startswith("preftune"):
+            print(f"preftune: error: {err}", file=sys.stderr)
+            return 1
         raise

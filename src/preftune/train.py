@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune import checkpoint, data
+from preftune import checkpoint, data, guard
 from preftune.config import Config, OptimConfig
 from preftune.logps import sequence_logps
 from preftune.losses import LOSSES, Logps, bind
@@ -49,7 +49,7 @@ def train(cfg: Config) -> Path:
     cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only)
     set_seed(cfg.train.seed)
-    run_dir = checkpoint.prepare_run_dir(cfg, accelerator)
+    run_dir, resume_from = checkpoint.prepare_run_dir(cfg, accelerator)
     say = accelerator.print
 
     # --- data ---
@@ -84,18 +84,38 @@ def train(cfg: Config) -> Path:
     say(f"{len(pairs)} pairs, {total_steps} steps of {pairs_per_step} pairs, loss {cfg.loss.name}, "
         f"{world} process(es), run dir {run_dir}")
 
+    # --- resume ---
+    # what a checkpoint holds besides the weights: name -> object with state_dict()/load_state_dict().
+    # Components with state of their own (a loss's running mean, a synced reference) register here.
+    nonfinite = guard.NonFiniteGuard(cfg.train.max_bad_steps)
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "nonfinite": nonfinite}
+    if accelerator.scaler is not None:  # fp16 loss scale
+        stateful["scaler"] = accelerator.scaler
+    start_step = 0
+    if resume_from is not None:
+        start_step = checkpoint.load(accelerator, resume_from, policy, stateful, cfg)
+        say(f"resumed from {resume_from} at step {start_step}")
+    if accelerator.is_main_process:
+        checkpoint.truncate_metrics(run_dir / "metrics.jsonl", start_step)
+
     # --- loop ---
     global_batch = cfg.train.batch_size * world
     lengths = [p.length for p in pairs]
-    stream = data.batch_stream(lengths, global_batch, cfg.train.seed, cfg.data.group_by_length)
+    # one stream item per optimiser step, cut into micro-batches: the step's pairs do not depend on how it is
+    # split into batch x accumulation x processes, and the data position is the step counter
+    stream = data.batch_stream(lengths, pairs_per_step, cfg.train.seed, cfg.data.group_by_length,
+                               start=start_step)
     pad_id = tokenizer.pad_token_id
     metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
-    bar = tqdm(total=total_steps, desc="train", disable=not (accelerator.is_main_process and cfg.train.progress))
-    for step in range(total_steps):
+    bar = tqdm(total=total_steps, initial=start_step, desc="train",
+               disable=not (accelerator.is_main_process and cfg.train.progress))
+    for step in range(start_step, total_steps):
         t0 = time.perf_counter()
-        micro_batches = [next(stream) for _ in range(cfg.train.grad_accum)]
+        step_indices = next(stream)
+        micro_batches = [step_indices[i:i + global_batch] for i in range(0, pairs_per_step, global_batch)]
         step_pairs = sum(len(m) for m in micro_batches)  # global count: the loss is a mean over all of them
         sums = torch.zeros(len(PAIR_METRICS) + 2, device=accelerator.device)  # + pairs, tokens
+        records = []  # (sources, per-pair losses) of each micro-batch: names the culprits of a non-finite step
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
             batch = data.collate([pairs[j] for j in local], pad_id).to(accelerator.device)
@@ -115,6 +135,7 @@ def train(cfg: Config) -> Path:
                 # DDP averages gradients over processes, hence x world: the step's gradient is that of
                 # the mean loss over every pair of the step, whatever the batch/accumulation/process split
                 accelerator.backward(out.losses.sum() * world / step_pairs)
+            records.append((batch.sources, out.losses.detach()))
             with torch.no_grad():
                 sums += torch.stack([
                     out.losses.sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
@@ -126,26 +147,34 @@ def train(cfg: Config) -> Path:
                     batch.attention_mask.sum().float(),
                 ]).detach().float()
 
-        # --- optimiser step ---
+        # --- optimiser step: never with a non-finite loss or gradient (a skipped step still moves the
+        # schedule and the data on, so the run stays a function of the step counter) ---
+        sums = accelerator.reduce(sums, reduction="sum")  # before the check: every process sees the same loss
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        optimizer.step()
+        if nonfinite.check(accelerator, step + 1, sums[0].item(), float(grad_norm), records):
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         # --- metrics: summed over processes once, then divided by the pair count once ---
-        sums = accelerator.reduce(sums, reduction="sum")
         elapsed = time.perf_counter() - t0
         n_pairs, n_tokens = sums[-2].item(), sums[-1].item()
         row = {"step": step + 1}
         row.update({name: sums[k].item() / n_pairs for k, name in enumerate(PAIR_METRICS)})
-        row.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=n_tokens / elapsed)
+        row.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=n_tokens / elapsed,
+                   skipped_steps=nonfinite.skipped)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
         if metrics_file is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps):
-            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.write(json.dumps(guard.json_safe(row)) + "\n")
             metrics_file.flush()
+        nonfinite.stop_if_stuck(lr, cfg.train.mixed_precision)
+
+        # --- checkpoint ---
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+            checkpoint.save(accelerator, run_dir, step + 1, policy, stateful, cfg)
     bar.close()
     if metrics_file is not None:
         metrics_file.close()
