@@ -23,6 +23,23 @@ def config_reference() -> str:
     return "\n".join(lines)
 
 
+def config_markdown() -> str:
+    """The README's config reference: one table row per key, from the docstrings in config.py."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for section in dataclasses.fields(config.Config):
+        cls = section.default_factory  # type: ignore[misc]
+        docs = config.field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append(f"| `{section.name}.{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+    return "\n".join(rows)
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    print(config_markdown() if args.markdown else config_reference())
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from preftune.train import train
 
@@ -65,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run from its newest valid checkpoint (train.resume=auto); a specific "
                    "checkpoint: train.resume=PATH")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("config", help="print every config key with its default and meaning")
+    p.add_argument("--markdown", action="store_true", help="as the README's markdown table")
+    p.set_defaults(func=_config_reference)
 
     p = sub.add_parser("losses", help="list the available losses and their hyperparameters")
     p.set_defaults(func=_losses)

@@ -1,0 +1,63 @@
+"""Two CPU processes (gloo, through torchrun + Accelerate) against one: same pairs, same numbers."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preftune import config
+from preftune.train import train
+
+from .conftest import REPO, read_metrics, tiny_config
+
+LOOSE_KEYS = {"tokens_per_s", "grad_norm"}  # throughput differs; grad_norm compared separately
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(cfg: config.Config, tmp_path, nproc: int) -> subprocess.CompletedProcess:
+    path = tmp_path / f"cfg{nproc}.yaml"
+    config.save(cfg, path)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", "-m", "preftune", "train", str(path)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_processes_equal_one_process(tmp_path, accum):
+    steps = 12
+    one = tiny_config(tmp_path, train={"run_name": "one", "batch_size": 8 // accum, "grad_accum": accum,
+                                       "max_steps": steps})
+    two = tiny_config(tmp_path, train={"run_name": "two", "batch_size": 4 // accum, "grad_accum": accum,
+                                       "max_steps": steps})
+    run_one = train(one)
+    torchrun(two, tmp_path, nproc=2)
+    run_two = two.run_dir()
+
+    rows_one, rows_two = read_metrics(run_one), read_metrics(run_two)
+    assert len(rows_two) == steps  # one writer: rank 1 logs nothing
+    for a, b in zip(rows_one, rows_two, strict=True):
+        for key in a.keys() - LOOSE_KEYS:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert 0.0 <= b["rewards/accuracies"] <= 1.0  # averaged over ranks once, never summed
+    w_one = load_file(run_one / "final" / "model.safetensors")
+    w_two = load_file(run_two / "final" / "model.safetensors")
+    assert w_one.keys() == w_two.keys()
+    for name in w_one:
+        torch.testing.assert_close(w_two[name], w_one[name], rtol=1e-5, atol=1e-6)
+    # only rank 0 wrote: the run directories hold the same files
+    assert sorted(p.name for p in run_two.iterdir()) == sorted(p.name for p in run_one.iterdir())
+    assert json.loads((run_two / "data_report.json").read_text())["used"] == 16
