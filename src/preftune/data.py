@@ -73,15 +73,22 @@ def read_jsonl(path: str | Path) -> list[PairRecord]:
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes: a bad byte is reported at its line, not as a bare UnicodeDecodeError
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not valid UTF-8 (byte {raw[err.start]:#04x} at column "
+                                f"{err.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             values = {}
@@ -90,6 +97,10 @@ def read_jsonl(path: str | Path) -> list[PairRecord]:
                     raise DataError(f"{where}: field '{name}' is missing (keys present: {sorted(obj)})")
                 if not isinstance(obj[name], str):
                     raise DataError(f"{where}: field '{name}' must be a string, got {type(obj[name]).__name__}")
+                try:
+                    obj[name].encode("utf-8")
+                except UnicodeEncodeError:  # JSON allows "\ud800"; no tokenizer can encode a lone surrogate
+                    raise DataError(f"{where}: field '{name}' holds an unpaired UTF-16 surrogate") from None
                 values[name] = obj[name]
             for name in ("chosen", "rejected"):
                 if not values[name].strip():
@@ -157,7 +168,12 @@ def load_pairs(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[Token
         if rec.chosen == rec.rejected:
             report.skipped.append(f"{rec.source}: 'chosen' equals 'rejected'")
             continue
-        pair, truncated = tokenize_pair(rec, tokenizer, cfg)
+        try:
+            pair, truncated = tokenize_pair(rec, tokenizer, cfg)
+        except DataError:
+            raise
+        except Exception as err:  # a tokenizer's own failure, reported at the record instead of deep inside it
+            raise DataError(f"{rec.source}: could not tokenize ({type(err).__name__}: {err})") from None
         report.truncated += truncated
         pairs.append(pair)
     report.used = len(pairs)
