@@ -32,7 +32,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
 from preftune import config
 
@@ -199,10 +199,16 @@ def _trainable_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[s
 
 
 def save(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Module,
-         stateful: dict[str, Any], cfg: config.Config) -> Path:
+         stateful: dict[str, Any], cfg: config.Config) -> Path | None:
     """Write checkpoint `step` atomically, then keep the newest train.keep_checkpoints. Every process calls
     this; the main one writes. A failed write (full disk) stops every process with a CheckpointError that
     says the previous checkpoint is intact."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # their optimiser state is sharded over the processes; the main one alone can not write it
+        if accelerator.is_main_process:
+            log.warning("checkpoints under %s are not supported yet: step %d not saved (see docs/robustness.md)",
+                        accelerator.distributed_type.value, step)
+        return None
     weights = _trainable_state(accelerator, model)
     rng = gather_object([rng_state()])  # one entry per process, in rank order
     final = run_dir / CHECKPOINTS / f"step-{step:08d}"
