@@ -3,6 +3,7 @@ uninterrupted run ends (weights bit-identical on CPU, the same metrics.jsonl row
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -35,7 +36,8 @@ def resumable(tmp_path: Path, name: str, **train_fields) -> config.Config:
 
 def with_(cfg: config.Config, **dotted) -> config.Config:
     for key, value in dotted.items():
-        cfg = config.replace(cfg, key.replace("__", "."), value)
+        cfg = config.replace(cfg, key.replace("__", "."), value) if "__" in key else dataclasses.replace(
+            cfg, **{key: value})
     return cfg
 
 
@@ -91,6 +93,19 @@ def test_stopped_then_resumed_equals_uninterrupted(tmp_path, one_thread, referen
     run_dir = train(cfg)  # ends at 7, newest checkpoint at 6: step 7 and its metrics row are redone
     assert [d.name for _, d in checkpoint._steps(run_dir)] == ["step-00000003", "step-00000006"]
     train(with_(cfg, train__max_steps=12, train__resume="auto"))
+    assert_same_run(run_dir, reference)
+
+
+def test_loop_state_of_losses_survives_resume(tmp_path, one_thread):
+    """BCO's running reward mean and TR-DPO's moving reference are state too; without them in the
+    checkpoint the resumed run would use delta = 0 and the initial reference."""
+    loss = {"name": "bco_pair", "ref_sync": "soft", "ref_sync_every": 2}
+    ref_cfg = resumable(tmp_path, "ref", max_steps=8)
+    reference = train(with_(ref_cfg, loss=dataclasses.replace(ref_cfg.loss, **loss)))
+    cfg = resumable(tmp_path, "run", max_steps=5)
+    cfg = with_(cfg, loss=dataclasses.replace(cfg.loss, **loss))
+    run_dir = train(cfg)
+    train(with_(cfg, train__max_steps=8, train__resume="auto"))
     assert_same_run(run_dir, reference)
 
 
@@ -213,10 +228,10 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, one_threa
     monkeypatch.setattr(checkpoint, "_write_file", small_disk)
     original_save = checkpoint.save
 
-    def save_then_fill(accelerator, run_dir, step, *args):
+    def save_then_fill(accelerator, run_dir, step, *args, **kwargs):
         if step == 6:  # the disk fills during the second checkpoint
             budget["bytes"] = 20_000
-        return original_save(accelerator, run_dir, step, *args)
+        return original_save(accelerator, run_dir, step, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "save", save_then_fill)
     with pytest.raises(checkpoint.CheckpointError) as err:

@@ -199,10 +199,11 @@ def _trainable_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[s
 
 
 def save(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Module,
-         stateful: dict[str, Any], cfg: config.Config) -> Path | None:
+         stateful: dict[str, Any], cfg: config.Config, extra: dict[str, Any] | None = None) -> Path | None:
     """Write checkpoint `step` atomically, then keep the newest train.keep_checkpoints. Every process calls
-    this; the main one writes. A failed write (full disk) stops every process with a CheckpointError that
-    says the previous checkpoint is intact."""
+    this; the main one writes. `stateful` objects are saved through their state_dict(); `extra` holds plain
+    values (numbers, strings, tensors, containers) that load() hands back. A failed write (full disk) stops
+    every process with a CheckpointError that says the previous checkpoint is intact."""
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # their optimiser state is sharded over the processes; the main one alone can not write it
         if accelerator.is_main_process:
@@ -214,7 +215,8 @@ def save(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Mod
     final = run_dir / CHECKPOINTS / f"step-{step:08d}"
     error = ""
     if accelerator.is_main_process:
-        state = {"stateful": {name: obj.state_dict() for name, obj in stateful.items()}, "rng": rng}
+        state = {"stateful": {name: obj.state_dict() for name, obj in stateful.items()}, "rng": rng,
+                 "extra": extra or {}}
         trainer_state = {"format": FORMAT, "step": step, "world_size": accelerator.num_processes,
                          "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum}
         try:
@@ -268,8 +270,9 @@ def _prune(run_dir: Path, step: int, keep: int) -> None:
 # --- reading ---
 
 def load(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful: dict[str, Any],
-         cfg: config.Config) -> int:
-    """Restore weights, stateful components and this process's RNG from `ckpt`; returns its step.
+         cfg: config.Config) -> tuple[int, dict[str, Any]]:
+    """Restore weights, stateful components and this process's RNG from `ckpt`; returns its step and the
+    `extra` values saved with it.
 
     Nothing here unpickles objects: weights come from safetensors and state.pt loads with weights_only=True,
     which accepts tensors and plain containers only.
@@ -306,7 +309,7 @@ def load(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful:
     if changed and accelerator.is_main_process:
         log.warning("resuming %s with a changed config (%s): the run will differ from an uninterrupted one",
                     ckpt, ", ".join(changed))
-    return int(trainer_state["step"])
+    return int(trainer_state["step"]), state["extra"]
 
 
 def _changed_keys(saved: config.Config, current: config.Config) -> list[str]:

@@ -49,13 +49,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _losses(args: argparse.Namespace) -> int:
-    from preftune.losses import LOSSES
+    from preftune.losses import LOSSES, MODIFIERS
 
     width = max(map(len, LOSSES))
     for name, spec in LOSSES.items():
         params = ", ".join(f"{k}={v}" for k, v in spec.hyperparameters().items())
-        ref = "" if spec.needs_reference else "  [reference-free]"
-        print(f"{name:<{width}}  {spec.summary}{ref}\n{'':<{width}}  hyperparameters: {params}")
+        print(f"{name:<{width}}  {spec.summary}\n{'':<{width}}  hyperparameters: {params}; "
+              f"needs: {', '.join(spec.needs())}")
+    print("\nmodifiers (paired losses; see docs/losses.md):")
+    for key, summary in MODIFIERS.items():
+        print(f"  {key:<24}  {summary}")
     return 0
 
 

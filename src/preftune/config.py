@@ -61,10 +61,25 @@ class DataConfig:
 class LossConfig:
     name: str = "dpo"
     """Loss from the registry; `preftune losses` lists them."""
-    beta: float = 0.1
-    """KL strength (DPO's beta; IPO's tau). Lower lets the policy drift further from the reference."""
+    beta: float | None = None
+    """KL strength (DPO's beta; IPO's tau); unset = the loss's paper default (0.1 for DPO, 2.0 for SimPO).
+    Lower lets the policy drift further from the reference."""
     params: dict[str, float] = field(default_factory=dict)
     """Loss-specific hyperparameters by name, e.g. {label_smoothing: 0.1} for cDPO."""
+    weighting: str = "none"
+    """Pair weights: none, or wpo (WPO, arXiv:2406.11827: weight pairs by the policy's probability of them)."""
+    ld_alpha: float = 1.0
+    """LD-DPO (arXiv:2409.06411): weight of tokens past the pair's shared length; 1 = off, paper uses ~0.3-0.7."""
+    divergence: str = "reverse_kl"
+    """f-DPO (arXiv:2309.16240) divergence: reverse_kl (= DPO), forward_kl, js or alpha."""
+    divergence_alpha: float = 0.5
+    """The alpha of divergence=alpha, in (0, 1)."""
+    ref_sync: str = "none"
+    """TR-DPO (arXiv:2404.09656) reference updates: none, soft (ref <- a policy + (1-a) ref) or hard (ref <- policy)."""
+    ref_sync_alpha: float = 0.6
+    """TR-DPO soft-update weight a of the policy, in (0, 1]."""
+    ref_sync_every: int = 512
+    """TR-DPO: update the reference every this many optimiser steps."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +210,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if origin in (typing.Union, types.UnionType):
+        others = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(others) == 1:  # X | None: None, or an X with X's own error message
+            return None if value is None else _coerce(value, others[0], key)
         for arg in typing.get_args(annotation):
             try:
                 return None if arg is type(None) and value is None else _coerce(value, arg, key)
@@ -326,6 +344,9 @@ _CHOICES = {
     "data.prompt_truncation": ("keep_end", "keep_start"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "loss.weighting": ("none", "wpo"),
+    "loss.divergence": ("reverse_kl", "forward_kl", "js", "alpha"),
+    "loss.ref_sync": ("none", "soft", "hard"),
 }
 
 
@@ -345,7 +366,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError(f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length "
                           f"({cfg.data.max_length}) so each response keeps at least one token")
-    for key in ("optim.lr", "optim.weight_decay", "optim.max_grad_norm", "loss.beta", "train.epochs"):
+    for key in ("optim.lr", "optim.weight_decay", "optim.max_grad_norm", "train.epochs"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(getattr(cfg, section), name)}")
@@ -362,5 +383,42 @@ def validate(cfg: Config) -> None:
         if name not in allowed:
             raise ConfigError(f"loss.params.{name}: {cfg.loss.name!r} takes no such hyperparameter; "
                               f"it takes {sorted(allowed)}")
+    _validate_loss(cfg, LOSSES[cfg.loss.name])
     if not cfg.model.path and not cfg.model.arch:
         raise ConfigError("model: set model.path (a HF model directory) or model.arch (a random-init config)")
+
+
+def _validate_loss(cfg: Config, spec: Any) -> None:
+    """The loss's hyperparameter ranges and which modifiers its kind of data and reference allow."""
+    loss = cfg.loss
+    hyper = {**spec.hyperparameters(), **loss.params}
+    if loss.beta is not None:
+        if "beta" not in spec.hyperparameters():
+            raise ConfigError(f"loss.beta: {loss.name!r} takes no beta; its hyperparameters are {sorted(hyper)}")
+        if loss.beta <= 0:
+            raise ConfigError(f"loss.beta: must be > 0, got {loss.beta}")
+    eps = hyper.get("label_smoothing", 0.0)
+    if not 0 <= eps < 0.5:
+        raise ConfigError(f"loss.params.label_smoothing: must be in [0, 0.5), got {eps}")
+    if loss.name == "exo_pair" and eps <= 0:  # EXO takes log eps
+        raise ConfigError(f"loss.params.label_smoothing: exo_pair needs it in (0, 0.5), got {eps}")
+    if not 0 <= loss.ld_alpha <= 1:
+        raise ConfigError(f"loss.ld_alpha: must be in [0, 1], got {loss.ld_alpha}")
+    if loss.divergence == "alpha" and not 0 < loss.divergence_alpha < 1:
+        raise ConfigError(f"loss.divergence_alpha: must be in (0, 1), got {loss.divergence_alpha}")
+    if not 0 < loss.ref_sync_alpha <= 1:
+        raise ConfigError(f"loss.ref_sync_alpha: must be in (0, 1], got {loss.ref_sync_alpha}")
+    if loss.ref_sync_every <= 0:
+        raise ConfigError(f"loss.ref_sync_every: must be > 0, got {loss.ref_sync_every}")
+    modifiers = {"loss.weighting": loss.weighting != "none", "loss.ld_alpha": loss.ld_alpha != 1.0,
+                 "loss.divergence": loss.divergence != "reverse_kl"}
+    for key, on in modifiers.items():
+        if on and spec.unpaired:
+            raise ConfigError(f"{key}: applies to paired losses; {loss.name!r} trains on unpaired data")
+    if loss.divergence != "reverse_kl" and not spec.needs_reference:
+        raise ConfigError(f"loss.divergence: changes the log-ratio to a reference; {loss.name!r} has none")
+    if loss.ref_sync != "none" and not spec.needs_reference:
+        raise ConfigError(f"loss.ref_sync: {loss.name!r} uses no reference model to update")
+    if spec.kl_estimate and cfg.train.batch_size < 2:
+        raise ConfigError(f"train.batch_size: {loss.name!r} estimates its KL term from mismatched pairs "
+                          "within a batch, which needs batch_size >= 2")

@@ -247,3 +247,118 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> Batch:
         labels[r, len(prompt):n] = torch.tensor(response)
         attention_mask[r, :n] = 1
     return Batch(input_ids, attention_mask, labels, [p.source for p in pairs])
+
+
+# --- unpaired completions (KTO): a minimal reader of {"prompt", "completion", "label"} records ---
+
+@dataclass(frozen=True)
+class UnpairedRecord:
+    prompt: str
+    completion: str
+    label: bool
+    """True: the completion is desirable; False: undesirable"""
+    source: str
+
+
+@dataclass(frozen=True)
+class TokenizedUnpaired:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    desirable: bool
+    source: str
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+def read_unpaired_jsonl(path: str | Path) -> list[UnpairedRecord]:
+    """Read {"prompt", "completion", "label": true|false} records; errors name file:line:field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            for name, kind in (("prompt", str), ("completion", str), ("label", bool)):
+                if name not in obj:
+                    raise DataError(f"{where}: field '{name}' is missing (keys present: {sorted(obj)})")
+                if not isinstance(obj[name], kind):
+                    raise DataError(f"{where}: field '{name}' must be a {kind.__name__}, "
+                                    f"got {type(obj[name]).__name__}")
+            if not obj["completion"].strip():
+                raise DataError(f"{where}: field 'completion' is empty")
+            records.append(UnpairedRecord(obj["prompt"], obj["completion"], obj["label"], where))
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def load_unpaired(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[TokenizedUnpaired], LoadReport]:
+    """Read and tokenise an unpaired file, truncating as `tokenize_pair` does (prompt first, then completion)."""
+    records = read_unpaired_jsonl(path)
+    report = LoadReport(str(path), records=len(records))
+    examples = []
+    for rec in records:
+        prompt_ids = encode_prompt(tokenizer, rec.prompt)
+        completion_ids = encode_response(tokenizer, rec.completion)
+        if len(prompt_ids) + len(completion_ids) > cfg.max_length:
+            report.truncated += 1
+            if len(prompt_ids) > cfg.max_prompt_length:
+                keep = cfg.max_prompt_length
+                prompt_ids = prompt_ids[-keep:] if cfg.prompt_truncation == "keep_end" else prompt_ids[:keep]
+            completion_ids = completion_ids[:cfg.max_length - len(prompt_ids)]
+        examples.append(TokenizedUnpaired(prompt_ids, completion_ids, rec.label, rec.source))
+    report.used = len(examples)
+    return examples, report
+
+
+@dataclass
+class UnpairedBatch:
+    matched: Batch
+    """(B, T) rows prompt_i + completion_i"""
+    mismatched: Batch
+    """(B, T') rows prompt_i + completion_{i-1}: KTO's KL estimate, scored without gradient"""
+    desirable: Tensor
+    """(B,) bool"""
+
+    def to(self, device: torch.device | str) -> UnpairedBatch:
+        return UnpairedBatch(self.matched.to(device), self.mismatched.to(device), self.desirable.to(device))
+
+
+def _collate_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, sources: list[str]) -> Batch:
+    """Right-padded rows of prompt+completion with labels on the completion only."""
+    width = max(len(a) + len(b) for a, b in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (prompt, completion) in enumerate(rows):
+        n = len(prompt) + len(completion)
+        input_ids[r, :n] = torch.tensor(prompt + completion)
+        labels[r, len(prompt):n] = torch.tensor(completion)
+        attention_mask[r, :n] = 1
+    return Batch(input_ids, attention_mask, labels, sources)
+
+
+def collate_unpaired(examples: list[TokenizedUnpaired], pad_id: int, max_length: int) -> UnpairedBatch:
+    """Matched rows and mismatched rows: prompt i with the completion of example i-1 (cyclically), the
+    batch-level pairs whose mean log-ratio estimates KL(pi || pi_ref) in KTO (arXiv:2402.01306, Sec. 4)."""
+    if len(examples) < 2:
+        raise DataError("KTO's KL estimate needs at least 2 examples per batch to mismatch completions")
+    sources = [e.source for e in examples]
+    matched = _collate_rows([(e.prompt_ids, e.completion_ids) for e in examples], pad_id, sources)
+    shifted = examples[-1:] + examples[:-1]
+    mismatched = _collate_rows(
+        [(e.prompt_ids, s.completion_ids[:max(1, max_length - len(e.prompt_ids))])
+         for e, s in zip(examples, shifted, strict=True)], pad_id, sources)
+    desirable = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
+    return UnpairedBatch(matched, mismatched, desirable)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -23,11 +24,12 @@ from tqdm.auto import tqdm
 from preftune import checkpoint, data, guard
 from preftune.config import Config, OptimConfig
 from preftune.logps import sequence_logps
-from preftune.losses import LOSSES, Logps, bind
+from preftune.losses import RunningMean, UnpairedLogps, bind, pair_logps
 from preftune.modeling import load_model, load_tokenizer
 
-# metric name -> how a step's value is formed from per-pair sums (all are means over the step's pairs)
-PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+# metrics that are means over the step's examples, each summed with its own count (KTO's chosen and rejected
+# counts differ); rewards/margins = rewards/chosen - rewards/rejected
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
 
 
@@ -43,6 +45,14 @@ def lr_factor(step: int, total: int, optim: OptimConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+@torch.no_grad()
+def sync_reference(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656): ref <- alpha * policy + (1 - alpha) * ref;
+    alpha = 1 is the hard update (ref <- policy)."""
+    for ref_param, policy_param in zip(reference.parameters(), policy.parameters(), strict=True):
+        ref_param.lerp_(policy_param.to(ref_param.dtype), alpha)
+
+
 def train(cfg: Config) -> Path:
     """Train the policy the config describes; returns the run directory (export in `final/`)."""
     # Accelerate only runs several CPU processes (gloo) when told the run is on CPU
@@ -54,17 +64,19 @@ def train(cfg: Config) -> Path:
 
     # --- data ---
     tokenizer = load_tokenizer(cfg.model)
-    pairs, report = data.load_pairs(cfg.data.train, tokenizer, cfg.data)
+    loss_fn = bind(cfg.loss)
+    if loss_fn.unpaired:  # `pairs` then holds single completions, each desirable or not (KTO)
+        pairs, report = data.load_unpaired(cfg.data.train, tokenizer, cfg.data)
+    else:
+        pairs, report = data.load_pairs(cfg.data.train, tokenizer, cfg.data)
     say(report.summary())
     if accelerator.is_main_process:
         checkpoint.write_json(run_dir / "data_report.json", vars(report))
 
     # --- models ---
-    spec = LOSSES[cfg.loss.name]
-    loss_fn = bind(cfg.loss.name, cfg.loss.beta, cfg.loss.params)
     policy = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
     reference = None
-    if spec.needs_reference:
+    if loss_fn.needs_reference:
         # frozen copy of the starting policy; reference-free losses never build one
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
 
@@ -91,9 +103,13 @@ def train(cfg: Config) -> Path:
     stateful = {"optimizer": optimizer, "scheduler": scheduler, "nonfinite": nonfinite}
     if accelerator.scaler is not None:  # fp16 loss scale
         stateful["scaler"] = accelerator.scaler
+    if reference is not None and cfg.loss.ref_sync != "none":  # TR-DPO moves the reference
+        stateful["reference"] = accelerator.unwrap_model(reference)
+    running = RunningMean() if loss_fn.running_state else None  # BCO's reward shift, identical on all ranks
     start_step = 0
     if resume_from is not None:
-        start_step = checkpoint.load(accelerator, resume_from, policy, stateful, cfg)
+        start_step, extra = checkpoint.load(accelerator, resume_from, policy, stateful, cfg)
+        running = RunningMean(**extra["running"]) if running is not None else None
         say(f"resumed from {resume_from} at step {start_step}")
     if accelerator.is_main_process:
         checkpoint.truncate_metrics(run_dir / "metrics.jsonl", start_step)
@@ -106,6 +122,7 @@ def train(cfg: Config) -> Path:
     stream = data.batch_stream(lengths, pairs_per_step, cfg.train.seed, cfg.data.group_by_length,
                                start=start_step)
     pad_id = tokenizer.pad_token_id
+    n_metrics = len(PAIR_METRICS)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
     bar = tqdm(total=total_steps, initial=start_step, desc="train",
                disable=not (accelerator.is_main_process and cfg.train.progress))
@@ -114,38 +131,51 @@ def train(cfg: Config) -> Path:
         step_indices = next(stream)
         micro_batches = [step_indices[i:i + global_batch] for i in range(0, pairs_per_step, global_batch)]
         step_pairs = sum(len(m) for m in micro_batches)  # global count: the loss is a mean over all of them
-        sums = torch.zeros(len(PAIR_METRICS) + 2, device=accelerator.device)  # + pairs, tokens
-        records = []  # (sources, per-pair losses) of each micro-batch: names the culprits of a non-finite step
+        sums = torch.zeros(2 * n_metrics + 1, device=accelerator.device)  # sums, counts, tokens
+        records = []  # (sources, per-example losses) of each micro-batch: names the culprits of a non-finite step
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
-            batch = data.collate([pairs[j] for j in local], pad_id).to(accelerator.device)
             last = i == len(micro_batches) - 1
             # skip the gradient all-reduce on all but the last micro-batch of the step
             sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
             with sync:
-                policy_chosen, policy_rejected = sequence_logps(policy, batch).halves()
-                ref_chosen_logps = ref_rejected_logps = None
-                if reference is not None:
+                if loss_fn.unpaired:
+                    unpaired = data.collate_unpaired([pairs[j] for j in local], pad_id, cfg.data.max_length)
+                    unpaired = unpaired.to(accelerator.device)
+                    batch = unpaired.matched
+                    policy_rows = sequence_logps(policy, batch)
                     with torch.no_grad():
-                        ref_chosen, ref_rejected = sequence_logps(reference, batch).halves()
-                    ref_chosen_logps, ref_rejected_logps = ref_chosen.logps, ref_rejected.logps
-                lp = Logps(policy_chosen.logps, policy_rejected.logps, policy_chosen.lengths,
-                           policy_rejected.lengths, ref_chosen_logps, ref_rejected_logps)
-                out = loss_fn(lp)  # per-pair losses (B,)
+                        ref_rows = sequence_logps(reference, batch)
+                        # KTO's z0: mean log-ratio of mismatched (x_i, y_{i-1}) rows, never differentiated
+                        kl = (sequence_logps(policy, unpaired.mismatched).logps
+                              - sequence_logps(reference, unpaired.mismatched).logps).mean()  # ()
+                    kl = accelerator.reduce(kl, reduction="mean")  # one estimate for the whole global batch
+                    lp = UnpairedLogps(policy_rows.logps, ref_rows.logps, policy_rows.lengths,
+                                       unpaired.desirable, kl)
+                    policy_chosen, policy_rejected = (policy_rows.rows(unpaired.desirable),
+                                                      policy_rows.rows(~unpaired.desirable))
+                else:
+                    batch = data.collate([pairs[j] for j in local], pad_id).to(accelerator.device)
+                    tokens = dict(with_tokens=loss_fn.needs_token_logps)
+                    policy_chosen, policy_rejected = sequence_logps(
+                        policy, batch, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()
+                    ref_chosen = ref_rejected = None
+                    if reference is not None:
+                        with torch.no_grad():
+                            ref_chosen, ref_rejected = sequence_logps(reference, batch, **tokens).halves()
+                    lp = pair_logps(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+                out = loss_fn(lp, running)  # per-example losses (B,)
                 # DDP averages gradients over processes, hence x world: the step's gradient is that of
                 # the mean loss over every pair of the step, whatever the batch/accumulation/process split
                 accelerator.backward(out.losses.sum() * world / step_pairs)
             records.append((batch.sources, out.losses.detach()))
             with torch.no_grad():
-                sums += torch.stack([
-                    out.losses.sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
-                    (out.chosen_rewards > out.rejected_rewards).float().sum(),
-                    (out.chosen_rewards - out.rejected_rewards).sum(),
-                    policy_chosen.logps.sum(), policy_rejected.logps.sum(),
-                    policy_chosen.mean_logits.sum(), policy_rejected.mean_logits.sum(),
-                    torch.tensor(float(len(local)), device=accelerator.device),
-                    batch.attention_mask.sum().float(),
-                ]).detach().float()
+                values = (out.losses, out.chosen_rewards, out.rejected_rewards, out.accuracies(),
+                          policy_chosen.logps, policy_rejected.logps,
+                          policy_chosen.mean_logits, policy_rejected.mean_logits)  # in PAIR_METRICS order
+                sums += torch.stack([v.detach().float().sum() for v in values]
+                                    + [torch.tensor(float(v.numel()), device=accelerator.device) for v in values]
+                                    + [batch.attention_mask.sum().float()])
 
         # --- optimiser step: never with a non-finite loss or gradient (a skipped step still moves the
         # schedule and the data on, so the run stays a function of the step counter) ---
@@ -157,12 +187,22 @@ def train(cfg: Config) -> Path:
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if cfg.loss.ref_sync != "none" and (step + 1) % cfg.loss.ref_sync_every == 0:
+            alpha = 1.0 if cfg.loss.ref_sync == "hard" else cfg.loss.ref_sync_alpha
+            sync_reference(accelerator.unwrap_model(reference), accelerator.unwrap_model(policy), alpha)
 
         # --- metrics: summed over processes once, then divided by the pair count once ---
         elapsed = time.perf_counter() - t0
-        n_pairs, n_tokens = sums[-2].item(), sums[-1].item()
-        row = {"step": step + 1}
-        row.update({name: sums[k].item() / n_pairs for k, name in enumerate(PAIR_METRICS)})
+        n_tokens = sums[-1].item()
+        means = {name: sums[k].item() / sums[n_metrics + k].item() if sums[n_metrics + k] > 0 else None
+                 for k, name in enumerate(PAIR_METRICS)}  # None: no such example this step (KTO)
+        if running is not None:
+            chosen, rejected = PAIR_METRICS.index("rewards/chosen"), PAIR_METRICS.index("rewards/rejected")
+            running = running.update(sums[chosen].item() + sums[rejected].item(),
+                                     sums[n_metrics + chosen].item() + sums[n_metrics + rejected].item())
+        row = {"step": step + 1, **means}
+        if means["rewards/chosen"] is not None and means["rewards/rejected"] is not None:
+            row["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
         row.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=n_tokens / elapsed,
                    skipped_steps=nonfinite.skipped)
         bar.update(1)
@@ -174,7 +214,9 @@ def train(cfg: Config) -> Path:
 
         # --- checkpoint ---
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            checkpoint.save(accelerator, run_dir, step + 1, policy, stateful, cfg)
+            # plain values the loop replaces each step ride along as `extra`
+            extra = {"running": dataclasses.asdict(running)} if running is not None else {}
+            checkpoint.save(accelerator, run_dir, step + 1, policy, stateful, cfg, extra)
     bar.close()
     if metrics_file is not None:
         metrics_file.close()
