@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from preftune import checkpoint, config
+from preftune.cli import main
 from preftune.train import train
 
 from .conftest import REPO, read_metrics, tiny_config
@@ -178,6 +179,15 @@ def test_explicitly_named_damaged_checkpoint_is_refused(tmp_path):
     cfg = with_(resumable(tmp_path, "other"), train__resume=str(ckpt))
     with pytest.raises(checkpoint.CheckpointError, match="step-00000003.*checksum"):
         train(cfg)
+
+
+def test_cli_resume_errors_are_one_clear_line(tmp_path, capsys):
+    cfg = resumable(tmp_path, "run")
+    config.save(cfg, tmp_path / "run.yaml")
+    missing = tmp_path / "nowhere"
+    assert main(["train", str(tmp_path / "run.yaml"), f"train.resume={missing}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("preftune: error: train.resume:") and str(missing) in err and "Traceback" not in err
 
 
 def test_keeps_only_the_newest_checkpoints(tmp_path):
