@@ -162,7 +162,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, one_threa
     run_dir = train(cfg)
     newest = run_dir / "checkpoints" / "step-00000006"
     damage(newest)
-    (run_dir / "checkpoints" / ".tmp-step-00000009").mkdir()  # a save killed half-way
+    (run_dir / "checkpoints" / ".tmp-step-00000010").mkdir()  # a save killed half-way (at another interval)
     with caplog.at_level(logging.WARNING, logger="preftune"):
         train(with_(cfg, train__max_steps=12, train__resume="auto"))
     skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]

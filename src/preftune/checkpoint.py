@@ -221,7 +221,6 @@ def save(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Mod
                          "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum}
         try:
             _write_checkpoint(final, weights, state, trainer_state, cfg)
-            _prune(run_dir, step, cfg.train.keep_checkpoints)
         except OSError as err:
             shutil.rmtree(final.with_name(".tmp-" + final.name), ignore_errors=True)  # give the space back
             previous = [d for s, d in _steps(run_dir) if s < step]
@@ -229,6 +228,11 @@ def save(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Mod
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
             error = (f"could not write checkpoint {final}{full}: {err}. Training stopped at step {step}; {kept}. "
                      "Free space, then rerun with --resume to continue from it.")
+        else:
+            try:
+                _prune(run_dir, step, cfg.train.keep_checkpoints)
+            except OSError as err:  # the new checkpoint is safe; old ones merely linger
+                log.warning("could not remove old checkpoints in %s: %s", run_dir / CHECKPOINTS, err)
     # every process must stop if the main one could not write, not wait for it at the next collective
     failed = accelerator.reduce(torch.tensor([float(bool(error))], device=accelerator.device), reduction="sum")
     if failed.item():
@@ -260,11 +264,14 @@ def _write_checkpoint(final: Path, weights: dict[str, torch.Tensor], state: dict
 
 def _prune(run_dir: Path, step: int, keep: int) -> None:
     """Keep the `keep` newest checkpoints up to `step`. Later ones belong to a timeline this run abandoned
-    by resuming from an earlier checkpoint; resuming into them later would mix two runs, so they go too."""
+    by resuming from an earlier checkpoint; resuming into them later would mix two runs, so they go too, as
+    do the temporary directories of saves a crash cut short."""
     kept = [d for s, d in _steps(run_dir) if s <= step]
     for s, d in _steps(run_dir):
         if s > step or d in kept[:-keep]:
             shutil.rmtree(d)
+    for leftover in (run_dir / CHECKPOINTS).glob(".tmp-*"):  # saves that a crash cut short
+        shutil.rmtree(leftover)
 
 
 # --- reading ---
