@@ -295,8 +295,8 @@ def _parse_yaml(text: str, where: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.constructor.ConstructorError as err:
-        raise ConfigError(f"{where}: refused YAML tag ({err.problem}); configs hold plain data and can not "
-                          "construct Python objects or run code") from None
+        raise ConfigError(f"{where}: not valid YAML (refused tag: {err.problem}); configs hold plain data and "
+                          "can not construct Python objects or run code") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{where}: not valid YAML: {err}") from None
     except RecursionError:
