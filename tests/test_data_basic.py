@@ -21,11 +21,12 @@ def write(tmp_path, lines: list[str]):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"prompt": "a", "chosen": "b"}', "d.jsonl:2: field 'rejected' is missing"),
-    ('{"prompt": "a", "chosen": "b", "rejected": 3}', "d.jsonl:2: field 'rejected' must be a string, got int"),
-    ('{"prompt": "a", "chosen": "  ", "rejected": "c"}', "d.jsonl:2: field 'chosen' is empty"),
-    ('{"prompt": "a", "chosen": "b", "rejected": "c"', "d.jsonl:2: not valid JSON"),
-    ('["a", "b"]', "d.jsonl:2: expected a JSON object, got list"),
+    ('{"prompt": "a", "chosen": "b"}', "d.jsonl:2: rejected: missing"),
+    ('{"prompt": "a", "chosen": "b", "rejected": 3}', "d.jsonl:2: rejected: must be a string or a list of messages, "
+                                                       "got int"),
+    ('{"prompt": "a", "chosen": "  ", "rejected": "c"}', "d.jsonl:2: chosen: is empty"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"', "d.jsonl:2: record: not valid JSON"),
+    ('["a", "b"]', "d.jsonl:2: record: expected an object, got list"),
 ])
 def test_malformed_record_names_file_line_and_field(tmp_path, line, message):
     good = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"})
@@ -40,7 +41,7 @@ def test_cli_reports_malformed_jsonl_without_traceback(tmp_path, capsys):
     path = write(tmp_path, ['{"prompt": "p", "chosen": "c", "rejected": "r"}', '{"prompt": "p", "chosen": 1}'])
     code = main(["train", "configs/tiny.yaml", f"data.train={path}", f"train.output_dir={tmp_path}"])
     err = capsys.readouterr().err
-    assert code == 2 and f"{path}:2: field 'chosen' must be a string" in err and "Traceback" not in err
+    assert code == 2 and f"{path}:2: chosen: must be a string" in err and "Traceback" not in err
 
 
 def test_response_labels_bos_and_eos(tok):
@@ -82,7 +83,7 @@ def test_identical_pairs_are_reported_not_silently_dropped(tmp_path, tok):
                             json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})])
     pairs, report = load_pairs(path, tok, config.DataConfig())
     assert len(pairs) == 1 and report.records == 2 and report.used == 1
-    assert report.skipped == [f"{path}:1: 'chosen' equals 'rejected'"]
+    assert report.skipped == [f"{path}:1: chosen: equals 'rejected': no preference"]
 
 
 def test_batch_stream_is_deterministic_complete_and_resumable():

@@ -18,10 +18,10 @@ def test_read_unpaired_errors_name_line_and_field(tmp_path):
     path = tmp_path / "u.jsonl"
     path.write_text(json.dumps({"prompt": "a", "completion": "b", "label": True}) + "\n"
                     + json.dumps({"prompt": "a", "completion": "b", "label": "yes"}) + "\n")
-    with pytest.raises(data.DataError, match=r"u.jsonl:2: field 'label' must be a bool, got str"):
+    with pytest.raises(data.DataError, match=r"u.jsonl:2: label: must be true or false, got 'yes'"):
         data.read_unpaired_jsonl(path)
     path.write_text(json.dumps({"prompt": "a", "label": False}) + "\n")
-    with pytest.raises(data.DataError, match=r"u.jsonl:1: field 'completion' is missing"):
+    with pytest.raises(data.DataError, match=r"u.jsonl:1: completion: missing"):
         data.read_unpaired_jsonl(path)
 
 

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 import textwrap
+from pathlib import Path
 
 from preftune import config
 
@@ -62,6 +63,25 @@ def _losses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    import yaml
+
+    from preftune.data.check import check
+    from preftune.modeling import load_tokenizer
+
+    raw = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    raw = config.apply_overrides(raw or {}, args.overrides)
+    # only the model and data sections matter here, so a config without loss/optim settings is fine
+    cfg = config.build({k: v for k, v in raw.items() if k in ("model", "data")})
+    config.validate_data(cfg.data)
+    model = cfg.model if not args.model else config.ModelConfig(path=args.model)
+    if not (model.tokenizer or model.path):
+        raise config.ConfigError("data check needs a tokenizer: --model DIR (or 'bytes'), or a --config naming one")
+    text, status = check(args.source, load_tokenizer(model), cfg.data, show=args.show)
+    print(text)
+    return status
+
+
 def _demo(args: argparse.Namespace) -> int:
     from preftune.demo import main as demo_main
 
@@ -93,6 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("losses", help="list the available losses and their hyperparameters")
     p.set_defaults(func=_losses)
 
+    p = sub.add_parser("data", help="inspect preference data (see `preftune data check --help`)")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser(
+        "check", help="counts, token lengths, truncation and every problem of a preference source",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read and tokenise a source as training would, and report: record counts, prompt/response "
+        "token-length percentiles, how many pairs would be truncated or dropped, duplicates, chosen == rejected, "
+        "empty responses, and each invalid record as file:line: field: problem. Exits 1 when any record is "
+        "invalid.\n\nexample:\n  preftune data check examples/pairs.jsonl --model bytes data.max_length=64")
+    p.add_argument("source", help="a .jsonl/.json/.parquet/.csv file, a saved HF dataset directory or a hub name")
+    p.add_argument("--model", default="", help="tokenizer or model directory ('bytes': the built-in tokenizer)")
+    p.add_argument("--config", default=None, help="YAML config to take the data settings (and tokenizer) from")
+    p.add_argument("--show", type=int, default=10, help="how many invalid records to list (default 10)")
+    p.add_argument("overrides", nargs="*", help="dotted data settings, e.g. data.shape=scored data.max_length=256")
+    p.set_defaults(func=_data_check)
+
     p = sub.add_parser("demo", help="offline controlled-sentiment demo on SmolLM2-135M (see --help)",
                        add_help=False)
     p.add_argument("demo_args", nargs=argparse.REMAINDER)
@@ -101,7 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a trailing positional list at the first option, so `data check SOURCE --model M
+    # data.x=y` leaves the overrides over; take them, and reject anything else as parse_args would
+    if extra and getattr(args, "data_command", None) == "check" and not any(a.startswith("-") for a in extra):
+        args.overrides += extra
+    elif args.command == "demo":  # the demo parses its own options (--quick, --help, ...)
+        args.demo_args = extra + args.demo_args
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (config.ConfigError, FileExistsError) as err:

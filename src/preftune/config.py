@@ -44,17 +44,54 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str = ""
-    """Training preference file: JSONL with one {"prompt", "chosen", "rejected"} object per line."""
+    """Training preference data: a .jsonl/.json/.parquet/.csv file, a HF dataset saved with save_to_disk, or a
+    hub dataset name where a network exists. Shapes and examples: docs/data.md."""
     eval: str = ""
-    """Held-out preference file in the same format (optional)."""
+    """Held-out preference data in any format train accepts (optional; see also eval_fraction)."""
+    format: str = "auto"
+    """Source format: auto (from the file suffix; a directory is a saved HF dataset), jsonl, json, parquet, csv
+    or datasets."""
+    shape: str = "auto"
+    """Record shape: auto (from the first record's keys), pairs (prompt/chosen/rejected), implicit (chosen and
+    rejected only; their shared start is the prompt), hh (Anthropic HH text), scored (response_a/response_b
+    with score_a/score_b) or unpaired (prompt/completion/label, for KTO). Any text may instead be a list of
+    {role, content} messages, rendered with the tokenizer's chat template."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Column renames, canonical name -> column in the data, e.g. {prompt: question, chosen: response_j,
+    rejected: response_k}, so other datasets' columns need no preprocessing."""
+    split: str = "train"
+    """Split of a HF dataset (directory or hub) to read for `train`."""
+    eval_split: str = "test"
+    """Split of a HF dataset to read for `eval`."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of the training records for evaluation when `eval` is empty (0 = none). A
+    record's side is fixed by a hash of its content, so duplicates never straddle train and eval."""
+    max_samples: int = 0
+    """Read at most this many records from each source (0 = all); the rest are reported as not read."""
+    min_score_ratio: float = 2.0
+    """Scored pairs: keep a pair only if the higher score is at least this multiple of the lower (the SHP
+    filter; 1 keeps every untied pair). Left-out pairs are reported."""
+    chat_template: str = ""
+    """Jinja chat template (the text, or a path to a .jinja file) for conversational data; empty = the
+    tokenizer's own."""
     max_length: int = 512
     """Longest prompt+response in tokens; longer pairs are truncated (counted and reported)."""
     max_prompt_length: int = 256
     """Longest prompt in tokens once a pair must be truncated."""
     prompt_truncation: str = "keep_end"
     """Which end of an over-long prompt survives: keep_end (the words nearest the response) or keep_start."""
+    drop_long: bool = False
+    """Drop pairs longer than max_length instead of truncating them (each reported)."""
+    skip_invalid: bool = False
+    """Train on the valid records of a source that has malformed ones (each skipped one is reported). Off:
+    loading stops with the list of invalid records (`preftune data check` shows them all)."""
     group_by_length: bool = True
     """Batch pairs of similar length together (shuffled within windows) so little compute goes to padding."""
+    cache: bool = True
+    """Keep tokenised data on disk, keyed by the source's content hash, the tokenizer and these settings; a
+    second run with the same inputs skips tokenisation."""
+    cache_dir: str = ""
+    """Where the tokenised-data cache lives; empty = $PREFTUNE_CACHE if set, else <train.output_dir>/.cache."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +193,7 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     for stmt, nxt in zip(body, body[1:], strict=False):
         if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[stmt.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+            docs[stmt.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
     return docs
 
 
@@ -240,6 +277,11 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         else:
             kwargs[key] = _coerce(value, ann, dotted)
     return cls(**kwargs)
+
+
+def build(raw: dict[str, Any]) -> Config:
+    """A Config from a raw dict, types checked but values not validated (for tools that use one section)."""
+    return _build(Config, raw, "")
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -338,16 +380,43 @@ def replace(cfg: Config, key: str, value: Any) -> Config:
     return dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{name: value})})
 
 
+_DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "datasets")
+_DATA_SHAPES = ("auto", "pairs", "implicit", "hh", "scored", "unpaired")
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
-    "data.prompt_truncation": ("keep_end", "keep_start"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "loss.weighting": ("none", "wpo"),
     "loss.divergence": ("reverse_kl", "forward_kl", "js", "alpha"),
     "loss.ref_sync": ("none", "soft", "hard"),
 }
+
+
+def validate_data(data: DataConfig) -> None:
+    """The data section's value checks (also run alone by `preftune data check`)."""
+    from preftune.data.records import CANONICAL_FIELDS  # late: keeps config importable on its own
+
+    for name, choices in (("format", _DATA_FORMATS), ("shape", _DATA_SHAPES),
+                          ("prompt_truncation", ("keep_end", "keep_start"))):
+        if getattr(data, name) not in choices:
+            raise ConfigError(f"data.{name}: {getattr(data, name)!r} is not one of {list(choices)}")
+    for name in data.fields:
+        if name not in CANONICAL_FIELDS:
+            raise ConfigError(f"data.fields.{name}: not a field preftune reads; map onto one of "
+                              f"{list(CANONICAL_FIELDS)}")
+    if data.max_length <= 0 or data.max_prompt_length <= 0:
+        raise ConfigError(f"data.max_length ({data.max_length}) and data.max_prompt_length "
+                          f"({data.max_prompt_length}) must be > 0")
+    if data.max_prompt_length >= data.max_length:
+        raise ConfigError(f"data.max_prompt_length ({data.max_prompt_length}) must be < data.max_length "
+                          f"({data.max_length}) so each response keeps at least one token")
+    if not 0 <= data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {data.eval_fraction}")
+    if data.max_samples < 0:
+        raise ConfigError(f"data.max_samples: must be >= 0 (0 = all), got {data.max_samples}")
+    if data.min_score_ratio < 1:
+        raise ConfigError(f"data.min_score_ratio: must be >= 1, got {data.min_score_ratio}")
 
 
 def validate(cfg: Config) -> None:
@@ -357,15 +426,13 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-    positive = ["data.max_length", "data.max_prompt_length", "train.batch_size", "train.grad_accum",
-                "train.log_every", "train.keep_checkpoints", "train.max_bad_steps"]
+    positive = ["train.batch_size", "train.grad_accum", "train.log_every", "train.keep_checkpoints",
+                "train.max_bad_steps"]
     for key in positive:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{key}: must be > 0, got {getattr(getattr(cfg, section), name)}")
-    if cfg.data.max_prompt_length >= cfg.data.max_length:
-        raise ConfigError(f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length "
-                          f"({cfg.data.max_length}) so each response keeps at least one token")
+    validate_data(cfg.data)
     for key in ("optim.lr", "optim.weight_decay", "optim.max_grad_norm", "train.epochs"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:

@@ -68,7 +68,7 @@ def train(cfg: Config) -> Path:
     if loss_fn.unpaired:  # `pairs` then holds single completions, each desirable or not (KTO)
         pairs, report = data.load_unpaired(cfg.data.train, tokenizer, cfg.data)
     else:
-        pairs, report = data.load_pairs(cfg.data.train, tokenizer, cfg.data)
+        pairs, report = data.load_pairs(cfg.data.train, tokenizer, cfg.data, cache_dir=data.cache_dir_for(cfg))
     say(report.summary())
     if accelerator.is_main_process:
         checkpoint.write_json(run_dir / "data_report.json", vars(report))

@@ -1,0 +1,64 @@
+"""Records -> validated pairs -> token ids with prompt labels masked -> batches.
+
+  sources.py   JSONL / JSON / Parquet / CSV / HF datasets -> raw rows, each with its 'file:line'
+  records.py   raw rows in any supported shape -> PairRecord / UnpairedRecord, or a located RecordProblem
+  tokenize.py  records -> ids (chat templates rendered; prompt ids a prefix; one BOS, one EOS; truncation)
+  load.py      a source -> compact tokenised pairs + a LoadReport accounting for every record; the cache
+  check.py     `preftune data check`: what a source holds and what is wrong with it
+  batches.py   the deterministic batch stream, the (2B, T) pair collate and KTO's matched/mismatched collate
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from preftune.data.batches import IGNORE, Batch, UnpairedBatch, batch_stream, collate, collate_unpaired, steps_for
+from preftune.data.load import LoadReport, PairStore, cache_dir_for, load_pairs, load_unpaired
+from preftune.data.records import DataError, PairRecord, RecordProblem, UnpairedRecord, to_record
+from preftune.data.sources import read_rows
+from preftune.data.tokenize import (
+    TokenizedPair,
+    TokenizedUnpaired,
+    encode_prompt,
+    encode_response,
+    render_chat,
+    tokenize_pair,
+)
+
+
+def read_jsonl(path: str | Path) -> list[PairRecord]:
+    """Strictly read {"prompt", "chosen", "rejected"} JSONL: the first bad record is an error naming
+    file:line: field (load_pairs instead skips and reports bad records)."""
+    records = []
+    for where, row in read_rows(str(path), "jsonl"):
+        if isinstance(row, RecordProblem):
+            raise row
+        record = to_record(row, "pairs", where, min_score_ratio=1.0)
+        assert isinstance(record, PairRecord)
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def read_unpaired_jsonl(path: str | Path) -> list[UnpairedRecord]:
+    """Strictly read {"prompt", "completion", "label"} JSONL (KTO): the first bad record is an error naming
+    file:line: field (load_unpaired instead skips and reports bad records when data.skip_invalid)."""
+    records = []
+    for where, row in read_rows(str(path), "jsonl"):
+        if isinstance(row, RecordProblem):
+            raise row
+        record = to_record(row, "unpaired", where, min_score_ratio=1.0)
+        assert isinstance(record, UnpairedRecord)
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+__all__ = [
+    "IGNORE", "Batch", "DataError", "LoadReport", "PairRecord", "PairStore", "RecordProblem", "TokenizedPair",
+    "TokenizedUnpaired", "UnpairedBatch", "UnpairedRecord", "batch_stream", "cache_dir_for", "collate",
+    "collate_unpaired", "encode_prompt", "encode_response", "load_pairs", "load_unpaired", "read_jsonl",
+    "read_unpaired_jsonl", "render_chat", "steps_for", "tokenize_pair",
+]

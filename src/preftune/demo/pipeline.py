@@ -1,0 +1,263 @@
+"""The controlled-sentiment experiment of the DPO paper (Rafailov et al. 2023, section 6.1) at small scale:
+prompts are IMDB review prefixes, the policy should continue them positively, a sentiment classifier is the
+ground-truth reward, and the result is held-out reward vs KL(policy || reference).
+
+run(settings) top to bottom:
+  set-up      GGUF -> safetensors cache, reviews split, reward classifier (cached after the first run)
+  baseline    reference samples on held-out prompts
+  rounds      sample k completions per fresh training prompt from the current policy, score them, pair them
+              by reward, DPO-train with `preftune.train.train`; the next round samples the updated policy
+  evaluate    policy samples on the held-out prompts: reward, win rate, KL, plots, side-by-side samples
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from preftune import config, evaluate
+from preftune.demo import assets, pairs, prompts, report
+from preftune.demo.reward import SentimentClassifier, load_or_train
+
+
+@dataclass(frozen=True)
+class Settings:
+    out: str = "runs/demo"
+    """Directory for pairs, training runs, results.json, plots and samples (replaced on each run)."""
+    seed: int = 0
+    """Seeds the review split, prompt lengths, sampling and training."""
+    classifier_reviews: int = 10_000
+    """IMDB reviews the reward classifier trains on (plus 2,000 held out to report its accuracy)."""
+    rounds: int = 3
+    """Sample -> pair -> train rounds; each round samples the policy the previous one produced."""
+    prompts_per_round: int = 32
+    """Fresh training prompts per round (never reused, never evaluation prompts)."""
+    samples_per_prompt: int = 8
+    """Completions sampled per training prompt (the paper: 4)."""
+    pairs_per_prompt: int = 8
+    """Pairs kept per prompt, widest reward gap first (the paper: all 6 of 4 samples)."""
+    max_new_tokens: int = 24
+    """Length limit of every sampled completion, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature for pairs and evaluation (1.0: the model's own distribution)."""
+    beta: float = 0.1
+    """DPO beta (the paper: 0.1)."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW, full fine-tuning)."""
+    warmup_steps: int = 4
+    """Linear warm-up steps of the first round (later rounds start warm)."""
+    batch_size: int = 8
+    """Pairs per optimiser step."""
+    epochs: float = 1.0
+    """Passes over each round's pairs."""
+    eval_prompts: int = 128
+    """Held-out evaluation prompts."""
+    eval_samples: int = 1
+    """Completions per evaluation prompt from each of reference and policy."""
+    curve_samples: int = 2
+    """Samples per prompt of each round used for the KL point of the training curve (costs two forwards)."""
+    sample_batch: int = 64
+    """Sequences per generation batch."""
+
+
+QUICK = Settings(out="runs/demo-quick", classifier_reviews=10_000, rounds=1, prompts_per_round=16,
+                 samples_per_prompt=8, pairs_per_prompt=6, lr=5e-5, warmup_steps=2, eval_prompts=48,
+                 curve_samples=0)
+FULL = Settings()
+
+
+def settings_dict(s: Settings) -> dict:
+    return dataclasses.asdict(s)
+
+
+class Clock:
+    """Wall and CPU seconds per phase: on a shared machine CPU time shows how much of the wall was ours."""
+
+    def __init__(self) -> None:
+        self.start_wall, self.start_cpu = time.perf_counter(), time.process_time()
+        self.phases: dict[str, dict[str, float]] = {}
+        self._phase: tuple[str, float, float] | None = None
+
+    def phase(self, name: str) -> None:
+        self.stop()
+        print(f"\n=== {name}  (t={self.elapsed():.0f} s) ===", flush=True)
+        self._phase = (name, time.perf_counter(), time.process_time())
+
+    def stop(self) -> None:
+        if self._phase is not None:
+            name, wall, cpu = self._phase
+            entry = self.phases.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
+            entry["wall_s"] += time.perf_counter() - wall
+            entry["cpu_s"] += time.process_time() - cpu
+            self._phase = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start_wall
+
+    def summary(self) -> dict:
+        self.stop()
+        return {"wall_s": self.elapsed(), "cpu_s": time.process_time() - self.start_cpu,
+                "cores": os.cpu_count(), "phases": self.phases}
+
+
+def load_lm(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+
+
+def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
+        reviews: list[assets.Review] | None = None,
+        reward: Callable[[list[str]], np.ndarray] | None = None) -> dict:
+    """The whole demo; returns (and writes to `out/results.json`) the results. `model_dir`, `reviews` and
+    `reward` replace SmolLM2, the IMDB CSV and the classifier's scores (tests run the pipeline on a tiny
+    random model, whose byte soup the classifier scores all alike)."""
+    from transformers import AutoTokenizer
+
+    from preftune.train import train
+
+    clock = Clock()
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(s.seed)
+
+    # --- set-up: model cache, reviews split, reward classifier ---
+    clock.phase("set-up: model, reviews, reward classifier")
+    base_dir = model_dir or assets.model_dir()
+    reviews = reviews if reviews is not None else assets.imdb_reviews()
+    split = prompts.split_reviews(
+        reviews, classifier_train=s.classifier_reviews, classifier_test=2000,
+        train_prompts=s.rounds * s.prompts_per_round, eval_prompts=s.eval_prompts, seed=s.seed)
+    classifier: SentimentClassifier = load_or_train(
+        assets.cache_dir() / f"sentiment-{s.classifier_reviews}-seed{s.seed}", [r.text for r in split.classifier_train],
+        [r.label for r in split.classifier_train], [r.text for r in split.classifier_test],
+        [r.label for r in split.classifier_test])
+    print(f"reward classifier: {classifier.accuracy:.1%} held-out accuracy ({classifier.num_test} reviews)")
+    score = reward or classifier.prob_positive
+    train_prompts = prompts.make_prompts(split.train_prompts, seed=s.seed)
+    eval_prompts = prompts.make_prompts(split.eval_prompts, seed=s.seed + 1)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    pad_id = tokenizer.pad_token_id
+    reference = load_lm(base_dir)
+    sampling = {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature,
+                "batch_size": s.sample_batch, "progress": progress}
+
+    # --- baseline: the reference on held-out prompts ---
+    clock.phase(f"reference samples on {len(eval_prompts)} held-out prompts")
+    ref_eval = evaluate.sample(reference, tokenizer, eval_prompts, n_per_prompt=s.eval_samples,
+                               seed=s.seed + 10_000, desc="reference", **sampling)
+    ref_eval_rewards = score(ref_eval.completions)
+    print(f"reference mean reward {ref_eval_rewards.mean():.3f}")
+
+    # --- rounds: sample, score, pair, train ---
+    policy, policy_dir = reference, base_dir
+    curve: list[dict] = []
+    step_rows: list[dict] = []
+    total_steps = 0
+    for rnd in range(s.rounds):
+        clock.phase(f"round {rnd + 1}/{s.rounds}: sample {s.samples_per_prompt} completions x "
+                    f"{s.prompts_per_round} prompts")
+        round_prompts = train_prompts[rnd * s.prompts_per_round:(rnd + 1) * s.prompts_per_round]
+        samples = evaluate.sample(policy, tokenizer, round_prompts, n_per_prompt=s.samples_per_prompt,
+                                  seed=s.seed + rnd, desc=f"round {rnd + 1} samples", **sampling)
+        rewards = score(samples.completions)
+        mean, low, high = evaluate.bootstrap_ci(evaluate.per_prompt_mean(rewards, s.samples_per_prompt))
+        kl = 0.0
+        if policy is not reference and s.curve_samples > 0:
+            subset = _first_per_prompt(samples, s.curve_samples)
+            kl = float(np.mean(evaluate.sequence_kl(policy, reference, subset, pad_id=pad_id)))
+        curve.append({"round": rnd, "step": total_steps, "reward": mean, "reward_low": low, "reward_high": high,
+                      "kl": kl})
+        print(f"samples of the current policy: mean reward {mean:.3f} [{low:.3f}, {high:.3f}], KL {kl:.2f}")
+        records = pairs.make_pairs(samples, rewards, max_pairs_per_prompt=s.pairs_per_prompt)
+        if not records:
+            raise RuntimeError(f"round {rnd + 1}: all {len(samples)} samples of each prompt scored alike, so "
+                               "no preference pair could be formed; sample more per prompt")
+        pairs_path = pairs.write_jsonl(records, out / f"pairs-round{rnd + 1}.jsonl")
+        gap = np.mean([r["reward_chosen"] - r["reward_rejected"] for r in records])
+        print(f"{len(records)} pairs -> {pairs_path} (mean reward gap {gap:.3f})")
+
+        clock.phase(f"round {rnd + 1}/{s.rounds}: DPO on {len(records)} pairs")
+        cfg = config.from_dict({
+            "model": {"path": str(policy_dir), "tokenizer": str(base_dir)},
+            "data": {"train": str(pairs_path), "max_length": 128, "max_prompt_length": 64},
+            "loss": {"name": "dpo", "beta": s.beta},
+            "optim": {"lr": s.lr, "warmup_steps": s.warmup_steps if rnd == 0 else 0, "max_grad_norm": 10.0},
+            "train": {"output_dir": str(out / "train"), "run_name": f"round{rnd + 1}", "overwrite": True,
+                      "batch_size": s.batch_size, "epochs": s.epochs, "seed": s.seed + rnd,
+                      "progress": progress},
+        })
+        run_dir = train(cfg)
+        for row in _read_jsonl(run_dir / "metrics.jsonl"):
+            step_rows.append({**row, "round": rnd + 1, "step": total_steps + row["step"]})
+        total_steps = step_rows[-1]["step"] if step_rows else total_steps
+        if policy is not reference:
+            del policy
+        policy_dir = run_dir / "final"
+        policy = load_lm(policy_dir)
+
+    # --- evaluate the final policy on the held-out prompts ---
+    clock.phase(f"policy samples on {len(eval_prompts)} held-out prompts, KL")
+    pol_eval = evaluate.sample(policy, tokenizer, eval_prompts, n_per_prompt=s.eval_samples,
+                               seed=s.seed + 20_000, desc="policy", **sampling)
+    pol_eval_rewards = score(pol_eval.completions)
+    kl_per_sample = evaluate.sequence_kl(policy, reference, pol_eval, pad_id=pad_id)
+    cmp = evaluate.compare(ref_eval_rewards, pol_eval_rewards, kl_per_sample, s.eval_samples, seed=s.seed)
+    curve.append({"round": s.rounds, "step": total_steps, "reward": cmp.policy_reward[0],
+                  "reward_low": cmp.policy_reward[1], "reward_high": cmp.policy_reward[2], "kl": cmp.kl[0],
+                  "held_out": True})
+
+    # --- outputs ---
+    clock.phase("report")
+    report.plot_training(curve, step_rows, out / "training.png")
+    frontier = [
+        {"label": "reference", "kl": 0.0, "kl_low": 0.0, "kl_high": 0.0, "reward": cmp.reference_reward[0],
+         "reward_low": cmp.reference_reward[1], "reward_high": cmp.reference_reward[2]},
+        {"label": f"DPO ({s.rounds} rounds, {total_steps} steps)", "kl": cmp.kl[0], "kl_low": cmp.kl[1],
+         "kl_high": cmp.kl[2], "reward": cmp.policy_reward[0], "reward_low": cmp.policy_reward[1],
+         "reward_high": cmp.policy_reward[2]},
+    ]
+    report.plot_frontier(frontier, out / "reward_vs_kl.png")
+    first = list(range(0, len(pol_eval), s.eval_samples))
+    table_md = report.side_by_side(eval_prompts, [ref_eval.completions[i] for i in first],
+                                   [ref_eval_rewards[i] for i in first], [pol_eval.completions[i] for i in first],
+                                   [pol_eval_rewards[i] for i in first], limit=20)
+    (out / "samples.md").write_text("# Held-out prompts: reference vs DPO policy\n\n" + table_md)
+    table = report.results_table(cmp, classifier.accuracy)
+    timing = clock.summary()
+    results = {
+        "evaluation": cmp.as_dict(), "classifier_accuracy": classifier.accuracy,
+        "classifier_reviews": {"train": classifier.num_train, "test": classifier.num_test},
+        "training_curve": curve, "steps": total_steps, "settings": settings_dict(s), "timing": timing,
+        "policy": str(policy_dir),
+        "eval_samples": [{"prompt": eval_prompts[ref_eval.prompt_of(i)], "reference": ref_eval.completions[i],
+                          "reference_reward": float(ref_eval_rewards[i]), "policy": pol_eval.completions[i],
+                          "policy_reward": float(pol_eval_rewards[i]), "kl": float(kl_per_sample[i])}
+                         for i in range(len(pol_eval))],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("\nheld-out samples (all of them in samples.md):\n" + "\n".join(table_md.splitlines()[:7]))
+    print(f"\n{table}\n")
+    print(f"total {timing['wall_s']:.0f} s wall ({timing['cpu_s']:.0f} s CPU); wrote {out}/results.json, "
+          f"training.png, reward_vs_kl.png, samples.md")
+    return results
+
+
+def _first_per_prompt(samples: evaluate.Samples, k: int) -> evaluate.Samples:
+    """The first k samples of every prompt, as a Samples of its own."""
+    k = min(k, samples.n_per_prompt)
+    keep = [i for i in range(len(samples)) if i % samples.n_per_prompt < k]
+    return evaluate.Samples(samples.prompts, k, samples.prompt_ids, [samples.completion_ids[i] for i in keep],
+                            [samples.completions[i] for i in keep])
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

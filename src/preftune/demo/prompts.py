@@ -1,0 +1,52 @@
+"""Disjoint uses of the IMDB reviews, and review prefixes as prompts (DPO paper section 6.1: "prefixes of
+length from 2 to 8 tokens" of IMDb reviews; here words, so a prompt never ends inside a word)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from preftune.demo.assets import Review
+
+
+@dataclass(frozen=True)
+class Split:
+    """Each review serves exactly one purpose: the reward classifier never saw a prompt's review, and no
+    training prompt shares a review with an evaluation prompt."""
+
+    classifier_train: list[Review]
+    classifier_test: list[Review]
+    train_prompts: list[Review]
+    eval_prompts: list[Review]
+    sft: list[Review]
+
+
+def split_reviews(reviews: Sequence[Review], *, classifier_train: int, classifier_test: int,
+                  train_prompts: int, eval_prompts: int, sft: int = 0, seed: int = 0) -> Split:
+    """Shuffle once (seeded) and cut consecutive, non-overlapping slices of the requested sizes."""
+    sizes = {"classifier_train": classifier_train, "classifier_test": classifier_test,
+             "train_prompts": train_prompts, "eval_prompts": eval_prompts, "sft": sft}
+    if sum(sizes.values()) > len(reviews):
+        raise ValueError(f"the split asks for {sum(sizes.values())} reviews ({sizes}) but only "
+                         f"{len(reviews)} exist")
+    order = list(range(len(reviews)))
+    random.Random(seed).shuffle(order)
+    parts, start = {}, 0
+    for name, size in sizes.items():
+        parts[name] = [reviews[i] for i in order[start:start + size]]
+        start += size
+    return Split(**parts)
+
+
+def prefix(text: str, rng: random.Random, min_words: int = 2, max_words: int = 8) -> str:
+    """The first k words of `text`, k uniform in [min_words, max_words] (fewer if the text is shorter)."""
+    words = text.split()
+    return " ".join(words[:rng.randint(min_words, max_words)])
+
+
+def make_prompts(reviews: Sequence[Review], *, seed: int = 0, min_words: int = 2, max_words: int = 8
+                 ) -> list[str]:
+    """One prefix per review (the prefix length drawn from a seeded generator)."""
+    rng = random.Random(seed)
+    return [prefix(r.text, rng, min_words, max_words) for r in reviews]

