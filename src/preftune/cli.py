@@ -45,7 +45,7 @@ def _config_reference(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from preftune.train import train
 
-    cfg = config.load(args.config, args.overrides)
+    cfg = config.load(args.config, args.overrides + (["train.resume=auto"] if args.resume else []))
     train(cfg)
     return 0
 
@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="config keys:\n" + config_reference())
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.2 optim.lr=5e-7")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run from its newest valid checkpoint (train.resume=auto); a specific "
+                   "checkpoint: train.resume=PATH")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sft", help="supervised fine-tuning (the stage before DPO) from a YAML config",
@@ -288,4 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         if type(err).__module__.startswith("preftune") or type(err) is ValueError:
             print(f"preftune: error: {err}", file=sys.stderr)
             return 2
+        raise
+    except RuntimeError as err:  # CheckpointError (e.g. a full disk), NonFiniteError: the run stopped, diagnosed
+        if type(err).__module__.startswith("preftune"):
+            print(f"preftune: error: {err}", file=sys.stderr)
+            return 1
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ class ModelConfig:
     """Weights dtype: float32, bfloat16 or float16. Log-softmax always runs in float32."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Off: only transformers' own classes load."""
+    allow_pickle: bool = False
+    """Load pickle (.bin/.pt) weights when `path` has no safetensors. Pickle can run code: only for files you trust."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: sdpa, eager or flash_attention_2."""
     adapter_path: str = ""
@@ -199,6 +202,15 @@ class TrainConfig:
     """Evaluate on the held-out pairs (data.eval or data.eval_fraction) every this many optimiser steps (and
     after the last); rows go to the metrics with an `eval/` prefix. 0 = never."""
 
+    save_every: int = 100
+    """Write a resumable checkpoint every this many optimiser steps (0 = never); see docs/robustness.md."""
+    keep_checkpoints: int = 2
+    """How many of the newest complete checkpoints to keep; older ones are deleted after each save."""
+    resume: str = "never"
+    """never: start afresh; auto (`--resume`): continue from the newest valid checkpoint of this run (afresh if
+    there is none); or the path of a checkpoint (or of a run directory) to continue from."""
+    max_bad_steps: int = 5
+    """Stop after this many optimiser steps in a row with a non-finite loss or gradient (each one is skipped)."""
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -312,7 +324,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return [v if item_type is Any else _coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or annotation is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_yaml(value, key)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         _, val_type = typing.get_args(annotation) or (str, Any)
@@ -333,14 +345,20 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected an int, got {value!r}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a float, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a float, got {value!r}")
+        # nan passes every `< 0` check and inf every `> 0` one: refuse both here, where the key is known
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite float, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -372,7 +390,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
             raise ConfigError(f"unknown config key {dotted!r}; {prefix or 'top level'} keys are {names}")
         ann = hints[key]
         if dataclasses.is_dataclass(ann):
-            kwargs[key] = _build(ann, value or {}, f"{dotted}.")
+            kwargs[key] = _build(ann, {} if value is None else value, f"{dotted}.")
         else:
             kwargs[key] = _coerce(value, ann, dotted)
     return cls(**kwargs)
@@ -404,9 +422,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = raw
         for i, part in enumerate(parts):
             dotted = ".".join(parts[: i + 1])
+            if not isinstance(node, dict):  # the YAML put a scalar or list where a mapping belongs
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])!r} is not a mapping in the config")
             if cls is None:  # inside a free-form mapping (e.g. model.arch.hidden_size)
                 if i == len(parts) - 1:
-                    node[part] = yaml.safe_load(value)
+                    node[part] = _parse_yaml(value, dotted)
                 else:
                     node = node.setdefault(part, {})
                 continue
@@ -428,6 +448,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _parse_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load with every failure a ConfigError naming `where`. safe_load builds only plain data:
+    tags such as !!python/object that would construct objects or run code are refused, never executed."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as err:
+        raise ConfigError(f"{where}: not valid YAML (refused tag: {err.problem}); configs hold plain data and "
+                          "can not construct Python objects or run code") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+
+
 def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Config from a YAML file plus dotted overrides; the run name defaults to the file's stem."""
     raw: dict[str, Any] = {}
@@ -436,9 +470,10 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
+        raw = _parse_yaml(text, str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
@@ -511,8 +546,9 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-    positive = ["train.batch_size", "train.grad_accum", "train.log_every", "eval.batch_size", "eval.n_per_prompt",
-                "eval.max_new_tokens", "eval.n_boot", "judge.batch_size", "judge.timeout_s"]
+    positive = ["train.batch_size", "train.grad_accum", "train.log_every", "train.keep_checkpoints",
+                "train.max_bad_steps", "eval.batch_size", "eval.n_per_prompt", "eval.max_new_tokens", "eval.n_boot",
+                "judge.batch_size", "judge.timeout_s"]
     for key in positive:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
@@ -522,8 +558,10 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(getattr(cfg, section), name)}")
-    if cfg.train.max_steps < 0 or cfg.optim.warmup_steps < 0:
-        raise ConfigError("train.max_steps and optim.warmup_steps must be >= 0")
+    if cfg.train.max_steps < 0 or cfg.optim.warmup_steps < 0 or cfg.train.save_every < 0:
+        raise ConfigError("train.max_steps, train.save_every and optim.warmup_steps must be >= 0")
+    if not cfg.train.resume:
+        raise ConfigError("train.resume: empty; use never, auto or the path of a checkpoint")
     for key in ("train.eval_every", "eval.prompts", "eval.temperature", "judge.retries", "judge.backoff_s"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:

@@ -8,6 +8,7 @@ batch 4 consume the same pairs in the same order.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -18,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune import checkpoint, data, heldout, lora, sft, sinks
+from preftune import checkpoint, data, guard, heldout, lora, sft, sinks
 from preftune.config import Config, OptimConfig
 from preftune.logps import sequence_logps
 from preftune.losses import RunningMean, UnpairedLogps, bind, pair_logps
@@ -57,7 +58,8 @@ def train(cfg: Config) -> Path:
     cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only)
     set_seed(cfg.train.seed)
-    run_dir = checkpoint.prepare_run_dir(cfg, accelerator)
+    sinks.check_available(cfg)  # on every rank, before anything is written: a missing package stops all of them
+    run_dir, resume_from = checkpoint.prepare_run_dir(cfg, accelerator)
     say = accelerator.print
 
     # --- data ---
@@ -103,16 +105,35 @@ def train(cfg: Config) -> Path:
     # held-out eval scores arbitrary rows and samples: it gets the reference as a module (never the policy)
     eval_reference = reference.as_module() if eval_pairs else None
 
+    # --- resume ---
+    # what a checkpoint holds besides the weights: name -> object with state_dict()/load_state_dict().
+    # Components with state of their own (a loss's running mean, a synced reference) register here.
+    nonfinite = guard.NonFiniteGuard(cfg.train.max_bad_steps)
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "nonfinite": nonfinite}
+    if accelerator.scaler is not None:  # fp16 loss scale
+        stateful["scaler"] = accelerator.scaler
+    if cfg.loss.ref_sync != "none":  # TR-DPO moves the reference
+        stateful["reference"] = accelerator.unwrap_model(reference.model)
+    # BCO's reward shift, identical on all ranks
+    running = RunningMean() if loss_fn.running_state and not sft_stage else None
+    start_step = 0
+    if resume_from is not None:
+        start_step, extra = checkpoint.load(accelerator, resume_from, policy, stateful, cfg)
+        running = RunningMean(**extra["running"]) if running is not None else None
+        say(f"resumed from {resume_from} at step {start_step}")
+    if accelerator.is_main_process:
+        checkpoint.truncate_metrics(run_dir / "metrics.jsonl", start_step)
+
     # --- loop ---
     global_batch = cfg.train.batch_size * world
     lengths = [p.length for p in pairs]
-    stream = data.batch_stream(lengths, global_batch, cfg.train.seed, cfg.data.group_by_length)
+    # one stream item per optimiser step, cut into micro-batches: the step's pairs do not depend on how it is
+    # split into batch x accumulation x processes, and the data position is the step counter
+    stream = data.batch_stream(lengths, pairs_per_step, cfg.train.seed, cfg.data.group_by_length,
+                               start=start_step)
     pad_id = tokenizer.pad_token_id
-    # BCO's reward shift, identical on all ranks
-    running = RunningMean() if loss_fn.running_state and not sft_stage else None
     metric_names = sft.METRICS if sft_stage else PAIR_METRICS
     n_metrics = len(metric_names)
-    sinks.check_available(cfg)  # on every rank: a missing package must stop all of them
     metric_sinks = sinks.Sinks(cfg, run_dir) if accelerator.is_main_process else None
     if eval_pairs:
         eval_loss = heldout.pair_loss(cfg)
@@ -121,12 +142,15 @@ def train(cfg: Config) -> Path:
             if eval_reference is not None and cfg.eval.prompts > 0 else []
         if kl_prompts:
             kl_shard, kl_weights = heldout.shard_for_rank(kl_prompts, rank, world, cfg.eval.batch_size)
-    bar = tqdm(total=total_steps, desc="train", disable=not (accelerator.is_main_process and cfg.train.progress))
-    for step in range(total_steps):
+    bar = tqdm(total=total_steps, initial=start_step, desc="train",
+               disable=not (accelerator.is_main_process and cfg.train.progress))
+    for step in range(start_step, total_steps):
         t0 = time.perf_counter()
-        micro_batches = [next(stream) for _ in range(cfg.train.grad_accum)]
+        step_indices = next(stream)
+        micro_batches = [step_indices[i:i + global_batch] for i in range(0, pairs_per_step, global_batch)]
         step_pairs = sum(len(m) for m in micro_batches)  # global count: the loss is a mean over all of them
         sums = torch.zeros(2 * n_metrics + 1, device=accelerator.device)  # sums, counts, tokens
+        records = []  # (sources, per-example losses) of each micro-batch: names the culprits of a non-finite step
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
             last = i == len(micro_batches) - 1
@@ -169,16 +193,20 @@ def train(cfg: Config) -> Path:
                 # DDP averages gradients over processes, hence x world: the step's gradient is that of
                 # the mean loss over every pair of the step, whatever the batch/accumulation/process split
                 accelerator.backward(losses.sum() * world / step_pairs)
+            records.append((batch.sources, losses.detach()))
             with torch.no_grad():
                 sums += torch.stack([v.detach().float().sum() for v in values]
                                     + [torch.tensor(float(v.numel()), device=accelerator.device) for v in values]
                                     + [batch.attention_mask.sum().float()])
 
-        # --- optimiser step ---
+        # --- optimiser step: never with a non-finite loss or gradient (a skipped step still moves the
+        # schedule and the data on, so the run stays a function of the step counter) ---
+        sums = accelerator.reduce(sums, reduction="sum")  # before the check: every process sees the same loss
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        optimizer.step()
+        if nonfinite.check(accelerator, step + 1, sums[0].item(), float(grad_norm), records):
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if cfg.loss.ref_sync != "none" and (step + 1) % cfg.loss.ref_sync_every == 0:
@@ -186,7 +214,6 @@ def train(cfg: Config) -> Path:
             sync_reference(accelerator.unwrap_model(reference.model), accelerator.unwrap_model(policy), alpha)
 
         # --- metrics: summed over processes once, then divided by the pair count once ---
-        sums = accelerator.reduce(sums, reduction="sum")
         elapsed = time.perf_counter() - t0
         n_tokens = sums[-1].item()
         means = {name: sums[k].item() / sums[n_metrics + k].item() if sums[n_metrics + k] > 0 else None
@@ -198,7 +225,8 @@ def train(cfg: Config) -> Path:
         row = {"step": step + 1, **means}
         if means.get("rewards/chosen") is not None and means.get("rewards/rejected") is not None:
             row["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
-        row.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=n_tokens / elapsed)
+        row.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=n_tokens / elapsed,
+                   skipped_steps=nonfinite.skipped)
         bar.update(1)
         accuracy = row.get("rewards/accuracies")  # absent for SFT, None on a KTO step without pairs
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc="-" if accuracy is None else f"{accuracy:.2f}")
@@ -215,7 +243,14 @@ def train(cfg: Config) -> Path:
                                         None if kl_sums is None else accelerator.reduce(kl_sums, reduction="sum")))
         if metric_sinks is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps
                                          or evaluating):
-            metric_sinks.write(row)
+            metric_sinks.write(guard.json_safe(row))  # a skipped step's NaN loss is written as null
+        nonfinite.stop_if_stuck(lr, cfg.train.mixed_precision)
+
+        # --- checkpoint ---
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+            # plain values the loop replaces each step ride along as `extra`
+            extra = {"running": dataclasses.asdict(running)} if running is not None else {}
+            checkpoint.save(accelerator, run_dir, step + 1, policy, stateful, cfg, extra)
     bar.close()
     if metric_sinks is not None:
         metric_sinks.close()
