@@ -42,7 +42,7 @@ class Settings:
     """Fresh training prompts per round (never reused, never evaluation prompts)."""
     samples_per_prompt: int = 8
     """Completions sampled per training prompt (the paper: 4)."""
-    pairs_per_prompt: int = 8
+    pairs_per_prompt: int = 6
     """Pairs kept per prompt, widest reward gap first (the paper: all 6 of 4 samples)."""
     max_new_tokens: int = 24
     """Length limit of every sampled completion, in tokens."""
