@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import random
 
@@ -217,6 +218,10 @@ def test_pipeline_end_to_end_on_tiny_model(tmp_path, monkeypatch, tiny_model_dir
     for name in ("training.png", "reward_vs_kl.png", "samples.md", "pairs-round1.jsonl", "pairs-round2.jsonl"):
         assert (out / name).is_file(), name
     assert (out / "train" / "round2" / "final" / "model.safetensors").is_file()
+    # the HTML report (preftune report's writer) embeds the plots and holds the evaluation and the samples
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "win rate over reference" in page
+    assert html.escape(saved["eval_samples"][0]["policy"]) in page
     # round 2 starts from round 1's export
     assert str(out / "train" / "round1" / "final") in (out / "train" / "round2" / "config.yaml").read_text()
 

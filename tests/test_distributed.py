@@ -61,3 +61,35 @@ def test_two_processes_equal_one_process(tmp_path, accum):
     # only rank 0 wrote: the run directories hold the same files
     assert sorted(p.name for p in run_two.iterdir()) == sorted(p.name for p in run_one.iterdir())
     assert json.loads((run_two / "data_report.json").read_text())["used"] == 16
+
+
+def test_checkpoint_moves_between_one_and_two_processes(tmp_path):
+    """A checkpoint written by 2 processes resumes in 1 and vice versa, reaching the uninterrupted weights.
+
+    The global batch (8 pairs) is the same in both layouts, so the data stream is too; the tiny model has no
+    dropout, so the RNG streams (which do differ per process) do not enter the numbers.
+    """
+    common = {"max_steps": 6, "save_every": 3, "keep_checkpoints": 2}
+    one = tiny_config(tmp_path, train={"run_name": "one", "batch_size": 8, **common})
+    two = tiny_config(tmp_path, train={"run_name": "two", "batch_size": 4, **common})
+    train(one)
+    torchrun(two, tmp_path, nproc=2)
+    step3 = "checkpoints/step-00000003"
+    two_to_one = tiny_config(tmp_path, train={"run_name": "two_to_one", "batch_size": 8, **common,
+                                              "resume": str(two.run_dir() / step3)})
+    one_to_two = tiny_config(tmp_path, train={"run_name": "one_to_two", "batch_size": 4, **common,
+                                              "resume": str(one.run_dir() / step3)})
+    train(two_to_one)
+    torchrun(one_to_two, tmp_path, nproc=2)
+
+    expected = load_file(one.run_dir() / "final" / "model.safetensors")
+    for run in (two, two_to_one, one_to_two):
+        got = load_file(run.run_dir() / "final" / "model.safetensors")
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    # the resumed runs logged only the steps after the checkpoint, with the uninterrupted run's losses
+    for run in (two_to_one, one_to_two):
+        rows = read_metrics(run.run_dir())
+        assert [r["step"] for r in rows] == [4, 5, 6]
+        for a, b in zip(read_metrics(one.run_dir())[3:], rows, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)

@@ -1,28 +1,347 @@
-"""Run directories and the final export in HF format."""
+"""Run directories, resumable checkpoints and the final export in HF format.
+
+A checkpoint holds everything needed to continue a run exactly as if it had never stopped:
+
+    run_dir/checkpoints/step-00000120/
+        model.safetensors   the policy's trainable weights and buffers (frozen weights come from model.path again)
+        state.pt            optimiser, scheduler, every registered stateful component and each process's RNG
+                            states; tensors, numbers and strings only, so it loads with weights_only=True
+        trainer_state.json  the step counter (the data position follows from it), world size, batch shape
+        config.yaml         the resolved config of the run that wrote it
+        manifest.json       size and sha256 of each file above; written last, so no manifest = incomplete
+
+It is written into `.tmp-step-...`, every file fsynced, then renamed into place: a crash or a full disk
+mid-save leaves the previous checkpoints as they were.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
+import os
+import pickle
+import random
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import safetensors.torch
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
 from preftune import config
 
+log = logging.getLogger("preftune")
 
-def prepare_run_dir(cfg: config.Config, accelerator: Accelerator) -> Path:
-    """Create the run directory; refuse to write over a finished or started run unless asked to."""
+FORMAT = 1
+CHECKPOINTS = "checkpoints"
+FILES = ("model.safetensors", "state.pt", "trainer_state.json", "config.yaml")
+# keys that may change between a run and its resumption without changing what the run computes
+RUN_CONTROL = {"train.resume", "train.overwrite", "train.progress", "train.max_steps", "train.epochs",
+               "train.save_every", "train.keep_checkpoints", "train.max_bad_steps", "train.log_every"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names it and what to do."""
+
+
+def prepare_run_dir(cfg: config.Config, accelerator: Accelerator) -> tuple[Path, Path | None]:
+    """Create the run directory and find the checkpoint to continue from (None: start at step 0).
+
+    A directory that already holds a run is refused unless the run resumes (the sanctioned way back in) or
+    train.overwrite is set, in which case the old run's checkpoints go too: they must never be resumed into
+    the new run later.
+    """
     run_dir = cfg.run_dir()
+    resume_from = None
     if accelerator.is_main_process:
-        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.train.overwrite:
-            raise FileExistsError(
-                f"run directory {str(run_dir)!r} already holds a run; choose another train.run_name=..., "
-                "or set train.overwrite=true to replace it")
+        if cfg.train.resume != "never":
+            resume_from = find_resume_point(cfg)
+        elif run_dir.exists() and any(run_dir.iterdir()):
+            if not cfg.train.overwrite:
+                raise FileExistsError(
+                    f"run directory {str(run_dir)!r} already holds a run; continue it with --resume "
+                    "(train.resume=auto), choose another train.run_name=..., or set train.overwrite=true "
+                    "to replace it")
+            shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(cfg, run_dir / "config.yaml")
+    resume_from = broadcast_object_list([resume_from])[0]
     accelerator.wait_for_everyone()
-    return run_dir
+    return run_dir, resume_from
+
+
+def find_resume_point(cfg: config.Config) -> Path | None:
+    """The checkpoint train.resume names: the newest valid one of this run (auto), of a named run directory,
+    or a named checkpoint, which must then be valid (an explicit choice never silently falls back)."""
+    if cfg.train.resume == "auto":
+        return newest_valid(cfg.run_dir())
+    path = Path(cfg.train.resume)
+    if (path / "manifest.json").exists() or path.name.startswith("step-"):
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"train.resume: checkpoint {str(path)!r} is unusable: {problem}")
+        return path
+    if path.is_dir():
+        found = newest_valid(path)
+        if found is None:
+            raise CheckpointError(f"train.resume: run directory {str(path)!r} holds no valid checkpoint")
+        return found
+    raise CheckpointError(f"train.resume: {str(path)!r} is neither a checkpoint nor a run directory; "
+                          "use never, auto or a path")
+
+
+def _steps(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every finished-looking checkpoint directory, oldest first."""
+    found = []
+    for d in (run_dir / CHECKPOINTS).glob("step-*"):
+        try:
+            found.append((int(d.name.removeprefix("step-")), d))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
+def newest_valid(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose manifest is present and whose every file matches it; each newer one that
+    fails is skipped with a warning naming it and the reason."""
+    for _, ckpt in reversed(_steps(run_dir)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("skipping checkpoint %s: %s", ckpt, problem)
+    return None
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    try:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest.json (the save did not finish)"
+    except (ValueError, KeyError, TypeError) as err:
+        return f"manifest.json is unreadable ({err})"
+    for name in FILES:
+        if name not in files:
+            return f"manifest lists no {name}"
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != files[name]["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {files[name]['bytes']}"
+        if _sha256(path) != files[name]["sha256"]:
+            return f"{name} does not match its checksum (corrupted)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- writing ---
+
+def _write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write one file with `write(path)` and fsync it: after this returns, its bytes survive a power cut."""
+    write(path)
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as plain lists and tensors (weights_only-loadable, no pickled objects)."""
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trainable_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights that training changes (all of them in full fine-tuning, the adapters under LoRA) and buffers.
+
+    named_parameters() lists a tied weight once, which safetensors requires (it refuses shared storage).
+    """
+    full = accelerator.get_state_dict(model)  # gathers under FSDP / ZeRO-3; every process must call it
+    unwrapped = accelerator.unwrap_model(model)
+    keep = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+    keep |= {n for n, _ in unwrapped.named_buffers()}
+    return {n: t.detach().contiguous() for n, t in full.items() if n in keep}
+
+
+def save(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Module,
+         stateful: dict[str, Any], cfg: config.Config, extra: dict[str, Any] | None = None) -> Path | None:
+    """Write checkpoint `step` atomically, then keep the newest train.keep_checkpoints. Every process calls
+    this; the main one writes. `stateful` objects are saved through their state_dict(); `extra` holds plain
+    values (numbers, strings, tensors, containers) that load() hands back. A failed write (full disk) stops
+    every process with a CheckpointError that says the previous checkpoint is intact."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # their optimiser state is sharded over the processes; the main one alone can not write it
+        if accelerator.is_main_process:
+            log.warning("checkpoints under %s are not supported yet: step %d not saved (see docs/robustness.md)",
+                        accelerator.distributed_type.value, step)
+        return None
+    weights = _trainable_state(accelerator, model)
+    rng = gather_object([rng_state()])  # one entry per process, in rank order
+    final = run_dir / CHECKPOINTS / f"step-{step:08d}"
+    error = ""
+    if accelerator.is_main_process:
+        state = {"stateful": {name: obj.state_dict() for name, obj in stateful.items()}, "rng": rng,
+                 "extra": extra or {}}
+        trainer_state = {"format": FORMAT, "step": step, "world_size": accelerator.num_processes,
+                         "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum}
+        try:
+            _write_checkpoint(final, weights, state, trainer_state, cfg)
+        except OSError as err:
+            shutil.rmtree(final.with_name(".tmp-" + final.name), ignore_errors=True)  # give the space back
+            previous = [d for s, d in _steps(run_dir) if s < step]
+            full = " (the disk is full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            error = (f"could not write checkpoint {final}{full}: {err}. Training stopped at step {step}; {kept}. "
+                     "Free space, then rerun with --resume to continue from it.")
+        else:
+            try:
+                _prune(run_dir, step, cfg.train.keep_checkpoints)
+            except OSError as err:  # the new checkpoint is safe; old ones merely linger
+                log.warning("could not remove old checkpoints in %s: %s", run_dir / CHECKPOINTS, err)
+    # every process must stop if the main one could not write, not wait for it at the next collective
+    failed = accelerator.reduce(torch.tensor([float(bool(error))], device=accelerator.device), reduction="sum")
+    if failed.item():
+        raise CheckpointError(error or f"the main process could not write checkpoint {final} (see its error)")
+    return final
+
+
+def _write_checkpoint(final: Path, weights: dict[str, torch.Tensor], state: dict, trainer_state: dict,
+                      cfg: config.Config) -> None:
+    tmp = final.with_name(".tmp-" + final.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write_file(tmp / "model.safetensors", lambda p: safetensors.torch.save_file(weights, p, {"format": "pt"}))
+    _write_file(tmp / "state.pt", lambda p: torch.save(state, p))
+    _write_file(tmp / "trainer_state.json", lambda p: p.write_text(json.dumps(trainer_state, indent=2)))
+    _write_file(tmp / "config.yaml", lambda p: config.save(cfg, p))
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+    manifest = {"format": FORMAT, "step": trainer_state["step"], "files": files}
+    _write_file(tmp / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2)))
+    _fsync_dir(tmp)
+    if final.exists():  # an invalid leftover of an abandoned attempt at this step (resume skipped it)
+        stale = final.with_name(".stale-" + final.name)
+        shutil.rmtree(stale, ignore_errors=True)
+        final.rename(stale)
+        shutil.rmtree(stale)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+
+
+def _prune(run_dir: Path, step: int, keep: int) -> None:
+    """Keep the `keep` newest checkpoints up to `step`. Later ones belong to a timeline this run abandoned
+    by resuming from an earlier checkpoint; resuming into them later would mix two runs, so they go too, as
+    do the temporary directories of saves a crash cut short."""
+    kept = [d for s, d in _steps(run_dir) if s <= step]
+    for s, d in _steps(run_dir):
+        if s > step or d in kept[:-keep]:
+            shutil.rmtree(d)
+    for leftover in (run_dir / CHECKPOINTS).glob(".tmp-*"):  # saves that a crash cut short
+        shutil.rmtree(leftover)
+
+
+# --- reading ---
+
+def load(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful: dict[str, Any],
+         cfg: config.Config) -> tuple[int, dict[str, Any]]:
+    """Restore weights, stateful components and this process's RNG from `ckpt`; returns its step and the
+    `extra` values saved with it.
+
+    Nothing here unpickles objects: weights come from safetensors and state.pt loads with weights_only=True,
+    which accepts tensors and plain containers only.
+    """
+    try:
+        weights = safetensors.torch.load_file(ckpt / "model.safetensors", device="cpu")
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+        saved_cfg = config.load(ckpt / "config.yaml")
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{ckpt / 'state.pt'}: refused to load: it holds Python objects beyond tensors "
+                              f"and plain data, which could run code ({str(err).splitlines()[0]})") from None
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {ckpt} could not be read: {err}") from None
+    unwrapped = accelerator.unwrap_model(model)
+    try:
+        result = unwrapped.load_state_dict(weights, strict=False)
+    except RuntimeError as err:
+        raise CheckpointError(f"{ckpt / 'model.safetensors'} does not fit the model: {err}") from None
+    if result.unexpected_keys:
+        raise CheckpointError(f"{ckpt / 'model.safetensors'} holds weights the model lacks, e.g. "
+                              f"{result.unexpected_keys[:3]}: was it written for another model?")
+    for name, obj in stateful.items():
+        if name not in state["stateful"]:
+            raise CheckpointError(f"{ckpt / 'state.pt'} holds no state for {name!r} "
+                                  f"(it has {sorted(state['stateful'])})")
+        obj.load_state_dict(state["stateful"][name])
+    rank = accelerator.process_index
+    if trainer_state["world_size"] != accelerator.num_processes:
+        log.warning("%s was written by %d process(es), this run has %d: the data split and RNG streams "
+                    "differ from an uninterrupted run", ckpt, trainer_state["world_size"], accelerator.num_processes)
+    set_rng_state(state["rng"][rank % len(state["rng"])])
+    changed = _changed_keys(saved_cfg, cfg)
+    if changed and accelerator.is_main_process:
+        log.warning("resuming %s with a changed config (%s): the run will differ from an uninterrupted one",
+                    ckpt, ", ".join(changed))
+    return int(trainer_state["step"]), state["extra"]
+
+
+def _changed_keys(saved: config.Config, current: config.Config) -> list[str]:
+    def flat(cfg: config.Config) -> dict[str, Any]:
+        return {f"{s}.{k}": v for s, sub in config.to_dict(cfg).items() for k, v in sub.items()}
+
+    old, new = flat(saved), flat(current)
+    return [k for k in new if k not in RUN_CONTROL and k != "train.run_name" and old.get(k) != new[k]]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of steps <= `step` (those the resumed checkpoint had seen); later rows will be written
+    again. A row torn by a kill mid-write is dropped. Replaced atomically like a checkpoint file."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                rows.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    _write_file(tmp, lambda p: p.write_text("".join(rows)))
+    tmp.replace(path)
 
 
 def export(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out_dir: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -45,8 +46,24 @@ def _config_reference(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from preftune.train import train
 
-    cfg = config.load(args.config, args.overrides)
+    cfg = config.load(args.config, args.overrides + (["train.resume=auto"] if args.resume else []))
     train(cfg)
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from preftune.train import train
+
+    cfg = config.load(args.config, [*args.overrides, "train.stage=sft"])
+    train(cfg)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from preftune import lora
+
+    out = lora.merge(args.run_dir, args.out)
+    print(f"merged {args.run_dir}/final into the base model: {out}")
     return 0
 
 
@@ -160,7 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="config keys:\n" + config_reference())
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.2 optim.lr=5e-7")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run from its newest valid checkpoint (train.resume=auto); a specific "
+                   "checkpoint: train.resume=PATH")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning (the stage before DPO) from a YAML config",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Supervised fine-tuning on the chosen responses of a preference file or on "
+                       "{prompt, completion} records (data.train); the same loop, LoRA and export as `train` "
+                       "(it is `train` with train.stage=sft).\n\nexample:\n  preftune sft configs/tiny.yaml "
+                       "train.max_steps=20\n  preftune train configs/tiny.yaml reference.path=runs/tiny/final",
+                       epilog="config keys: see `preftune train --help`")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 lora.enabled=true")
+    p.set_defaults(func=_sft)
+
+    p = sub.add_parser("export", help="merge a LoRA run's trained adapter into a full HF model",
+                       description="A LoRA run saves its adapter alone in RUN_DIR/final (load it with peft on the "
+                       "base model). This writes base + adapter merged into one plain HF model directory, whose "
+                       "outputs equal the adapter model's.")
+    p.add_argument("run_dir", help="run directory of a LoRA run (holds config.yaml and final/)")
+    p.add_argument("out", help="new directory for the merged model")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("config", help="print every config key with its default and meaning")
     p.add_argument("--markdown", action="store_true", help="as the README's markdown table")
@@ -234,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `preftune ... | head` ends quietly, as other command-line tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling a trailing positional list (the dotted overrides) at the first option, so
@@ -253,4 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         if type(err).__module__.startswith("preftune") or type(err) is ValueError:
             print(f"preftune: error: {err}", file=sys.stderr)
             return 2
+        raise
+    except RuntimeError as err:  # CheckpointError (e.g. a full disk), NonFiniteError: the run stopped, diagnosed
+        if type(err).__module__.startswith("preftune"):
+            print(f"preftune: error: {err}", file=sys.stderr)
+            return 1
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,8 +35,42 @@ class ModelConfig:
     """Weights dtype: float32, bfloat16 or float16. Log-softmax always runs in float32."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Off: only transformers' own classes load."""
+    allow_pickle: bool = False
+    """Load pickle (.bin/.pt) weights when `path` has no safetensors. Pickle can run code: only for files you trust."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: sdpa, eager or flash_attention_2."""
+    adapter_path: str = ""
+    """An existing LoRA adapter directory (peft format) to continue training; needs lora.enabled. The
+    reference is then the starting adapter model, never the bare base (adapters-off would be wrong)."""
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    mode: str = "auto"
+    """Where reference log-probs come from: auto, copy, precomputed, adapters_off, path or none. auto = none
+    for reference-free losses and SFT, path when reference.path is set, adapters_off for LoRA from fresh
+    adapters, copy otherwise. docs/reference.md says when to use which."""
+    path: str = ""
+    """HF model directory of a reference other than the starting policy (e.g. the SFT model). Used by
+    mode=path, and by mode=precomputed as the model the log-probs are computed from."""
+    cache_dir: str = ""
+    """Directory of precomputed reference log-prob files, shared by runs; empty = <train.output_dir>/ref_cache.
+    A file is reused only when the reference weights, token ids and numeric settings all match."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights; the base weights stay frozen."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """Adapter scale numerator: updates are scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input during training."""
+    target_modules: list[str] = field(default_factory=list)
+    """Module names (or name suffixes) that get adapters, e.g. [q_proj, v_proj]; empty = every linear layer
+    except the output head (peft's all-linear)."""
 
 
 @dataclass(frozen=True)
@@ -160,10 +195,22 @@ class TrainConfig:
     """Accelerate mixed precision: no, bf16 or fp16."""
     progress: bool = True
     """Show a progress bar."""
+    stage: str = "preference"
+    """preference (DPO and family on pairs) or sft (supervised fine-tuning on the chosen responses or
+    prompt/completion records; `preftune sft` sets it)."""
     eval_every: int = 0
     """Evaluate on the held-out pairs (data.eval or data.eval_fraction) every this many optimiser steps (and
     after the last); rows go to the metrics with an `eval/` prefix. 0 = never."""
 
+    save_every: int = 100
+    """Write a resumable checkpoint every this many optimiser steps (0 = never); see docs/robustness.md."""
+    keep_checkpoints: int = 2
+    """How many of the newest complete checkpoints to keep; older ones are deleted after each save."""
+    resume: str = "never"
+    """never: start afresh; auto (`--resume`): continue from the newest valid checkpoint of this run (afresh if
+    there is none); or the path of a checkpoint (or of a run directory) to continue from."""
+    max_bad_steps: int = 5
+    """Stop after this many optimiser steps in a row with a non-finite loss or gradient (each one is skipped)."""
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -257,6 +304,8 @@ class PerfConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -277,6 +326,7 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     for stmt, nxt in zip(body, body[1:], strict=False):
         if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            # one paragraph: a docstring wrapped over several source lines reads as one line
             docs[stmt.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
     return docs
 
@@ -289,9 +339,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check `value` against a field annotation; strings (from the command line) are parsed by the type."""
     origin = typing.get_origin(annotation)
     expected = getattr(annotation, "__name__", str(annotation))
+    if origin is list:
+        if isinstance(value, str):  # command line: `[q_proj, v_proj]` or `q_proj,v_proj`
+            value = yaml.safe_load(value) if value.strip().startswith("[") else \
+                [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation) or (Any,)
+        return [v if item_type is Any else _coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or annotation is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_yaml(value, key)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         _, val_type = typing.get_args(annotation) or (str, Any)
@@ -312,14 +370,20 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected an int, got {value!r}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a float, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a float, got {value!r}")
+        # nan passes every `< 0` check and inf every `> 0` one: refuse both here, where the key is known
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite float, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -351,7 +415,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
             raise ConfigError(f"unknown config key {dotted!r}; {prefix or 'top level'} keys are {names}")
         ann = hints[key]
         if dataclasses.is_dataclass(ann):
-            kwargs[key] = _build(ann, value or {}, f"{dotted}.")
+            kwargs[key] = _build(ann, {} if value is None else value, f"{dotted}.")
         else:
             kwargs[key] = _coerce(value, ann, dotted)
     return cls(**kwargs)
@@ -383,9 +447,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = raw
         for i, part in enumerate(parts):
             dotted = ".".join(parts[: i + 1])
+            if not isinstance(node, dict):  # the YAML put a scalar or list where a mapping belongs
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])!r} is not a mapping in the config")
             if cls is None:  # inside a free-form mapping (e.g. model.arch.hidden_size)
                 if i == len(parts) - 1:
-                    node[part] = yaml.safe_load(value)
+                    node[part] = _parse_yaml(value, dotted)
                 else:
                     node = node.setdefault(part, {})
                 continue
@@ -407,6 +473,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _parse_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load with every failure a ConfigError naming `where`. safe_load builds only plain data:
+    tags such as !!python/object that would construct objects or run code are refused, never executed."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as err:
+        raise ConfigError(f"{where}: not valid YAML (refused tag: {err.problem}); configs hold plain data and "
+                          "can not construct Python objects or run code") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+
+
 def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Config from a YAML file plus dotted overrides; the run name defaults to the file's stem."""
     raw: dict[str, Any] = {}
@@ -415,9 +495,10 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
+        raw = _parse_yaml(text, str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
@@ -448,6 +529,8 @@ _CHOICES = {
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.stage": ("preference", "sft"),
+    "reference.mode": ("auto", "copy", "precomputed", "adapters_off", "path", "none"),
     "loss.weighting": ("none", "wpo"),
     "loss.divergence": ("reverse_kl", "forward_kl", "js", "alpha"),
     "loss.ref_sync": ("none", "soft", "hard"),
@@ -488,8 +571,9 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-    positive = ["train.batch_size", "train.grad_accum", "train.log_every", "eval.batch_size", "eval.n_per_prompt",
-                "eval.max_new_tokens", "eval.n_boot", "judge.batch_size", "judge.timeout_s"]
+    positive = ["train.batch_size", "train.grad_accum", "train.log_every", "train.keep_checkpoints",
+                "train.max_bad_steps", "eval.batch_size", "eval.n_per_prompt", "eval.max_new_tokens", "eval.n_boot",
+                "judge.batch_size", "judge.timeout_s"]
     for key in positive:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
@@ -502,8 +586,10 @@ def validate(cfg: Config) -> None:
     for name in ("pack_tokens", "logps_chunk", "gradient_checkpointing"):
         if getattr(cfg.perf, name) < 0:
             raise ConfigError(f"perf.{name}: must be >= 0 (0 = automatic / off), got {getattr(cfg.perf, name)}")
-    if cfg.train.max_steps < 0 or cfg.optim.warmup_steps < 0:
-        raise ConfigError("train.max_steps and optim.warmup_steps must be >= 0")
+    if cfg.train.max_steps < 0 or cfg.optim.warmup_steps < 0 or cfg.train.save_every < 0:
+        raise ConfigError("train.max_steps, train.save_every and optim.warmup_steps must be >= 0")
+    if not cfg.train.resume:
+        raise ConfigError("train.resume: empty; use never, auto or the path of a checkpoint")
     for key in ("train.eval_every", "eval.prompts", "eval.temperature", "judge.retries", "judge.backoff_s"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
@@ -526,6 +612,70 @@ def validate(cfg: Config) -> None:
     _validate_loss(cfg, LOSSES[cfg.loss.name])
     if not cfg.model.path and not cfg.model.arch:
         raise ConfigError("model: set model.path (a HF model directory) or model.arch (a random-init config)")
+    _validate_reference(cfg, LOSSES[cfg.loss.name])
+
+
+def reference_mode(cfg: Config) -> str:
+    """The concrete reference mode: `auto` resolved, `none` whenever nothing uses a reference."""
+    from preftune.losses import LOSSES
+
+    if cfg.train.stage == "sft" or not LOSSES[cfg.loss.name].needs_reference:
+        return "none"
+    if cfg.reference.mode != "auto":
+        return cfg.reference.mode
+    if cfg.reference.path:
+        return "path"
+    if cfg.lora.enabled and not cfg.model.adapter_path:
+        return "adapters_off"  # fresh adapters start at zero: the base is exactly the starting policy
+    return "copy"
+
+
+def _validate_reference(cfg: Config, spec: Any) -> None:
+    mode, lora = cfg.reference.mode, cfg.lora
+    needs_reference = spec.needs_reference and cfg.train.stage != "sft"
+    if cfg.model.adapter_path and not lora.enabled:
+        raise ConfigError(f"model.adapter_path={cfg.model.adapter_path!r} continues a LoRA adapter: set "
+                          "lora.enabled=true")
+    if lora.enabled and (lora.r <= 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1):
+        raise ConfigError(f"lora: need r > 0, alpha > 0 and 0 <= dropout < 1; got r={lora.r}, "
+                          f"alpha={lora.alpha}, dropout={lora.dropout}")
+    if not needs_reference:
+        if mode not in ("auto", "none"):
+            raise ConfigError(f"reference.mode={mode!r} but {cfg.train.stage!r} with loss {cfg.loss.name!r} "
+                              "uses no reference; leave it auto or set none")
+        return
+    if mode == "none":
+        raise ConfigError(f"reference.mode='none' but loss {cfg.loss.name!r} needs a reference; choose from "
+                          f"{list(_CHOICES['reference.mode'])}, or a reference-free loss")
+    if mode == "path" and not cfg.reference.path:
+        raise ConfigError("reference.mode='path' needs reference.path (a HF model directory)")
+    if mode == "adapters_off" and not lora.enabled:
+        raise ConfigError("reference.mode='adapters_off' needs lora.enabled=true (without adapters it is "
+                          "the policy itself); use copy or precomputed")
+    if mode == "adapters_off" and cfg.model.adapter_path:
+        raise ConfigError(f"reference.mode='adapters_off' with model.adapter_path={cfg.model.adapter_path!r} "
+                          "would make the bare base model the reference, not the adapter training starts "
+                          "from; use copy or precomputed (or path, to choose the base deliberately)")
+    if cfg.reference.path and mode not in ("auto", "path", "precomputed"):
+        raise ConfigError(f"reference.path is set but reference.mode={mode!r} ignores it; use path, "
+                          "precomputed or auto")
+    resolved = reference_mode(cfg)
+    if resolved == "precomputed":
+        # the table holds one summed log-prob per response of each pair, fixed before training
+        if spec.unpaired:
+            raise ConfigError(f"reference.mode='precomputed': {cfg.loss.name!r} also scores mismatched "
+                              "completions that depend on each batch; use copy, path or adapters_off")
+        if cfg.train.eval_every > 0:
+            raise ConfigError("reference.mode='precomputed' with train.eval_every > 0: held-out eval and its KL "
+                              "run the reference on rows the table does not hold; use copy, or evaluate "
+                              "afterwards with `preftune eval` (it rebuilds the reference)")
+        if cfg.loss.ld_alpha != 1.0:
+            raise ConfigError("reference.mode='precomputed': loss.ld_alpha needs per-token reference "
+                              "log-probs, which the table does not keep; use copy, path or adapters_off")
+    if cfg.loss.ref_sync != "none" and (resolved not in ("copy", "path") or (resolved == "path" and lora.enabled)):
+        raise ConfigError(f"loss.ref_sync={cfg.loss.ref_sync!r} updates the reference from the policy, so the "
+                          f"reference must be a separate model of the same shape: set reference.mode='copy' "
+                          f"(resolved mode is {resolved!r})")
 
 
 def _validate_loss(cfg: Config, spec: Any) -> None:

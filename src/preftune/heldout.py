@@ -49,12 +49,9 @@ def reference_model(cfg: config.Config, tokenizer) -> torch.nn.Module:
     (e.g. an SFT model) wins; otherwise `model.path`, or `model.arch` initialised with `train.seed`, exactly
     as `train()` built the starting policy.
     """
-    ref = getattr(cfg, "reference", None)
-    if ref is not None and getattr(ref, "path", ""):
-        fields = {f.name for f in dataclasses.fields(cfg.model)}
-        changes = {"path": ref.path, "arch": {}} | ({"adapter_path": ""} if "adapter_path" in fields else {})
-        return load_model(dataclasses.replace(cfg.model, **changes), tokenizer).eval()
-    return load_model(cfg.model, tokenizer, seed=cfg.train.seed).eval()
+    from preftune.reference import starting_reference  # late: reference imports the model loaders too
+
+    return starting_reference(cfg, tokenizer)
 
 
 def load_target(path: str | Path, reference: str | Path | None = None) -> Target:

@@ -50,15 +50,18 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> torch.nn.Module:
-    """The policy in training mode. Weights load from safetensors only: pickle files can execute code."""
+    """The policy in training mode. Weights load from safetensors only unless model.allow_pickle is set:
+    unpickling a .bin/.pt file can execute code."""
     dtype = DTYPES[cfg.dtype]
     if cfg.path:
-        if Path(cfg.path).is_dir() and not any(Path(cfg.path).glob("*.safetensors")):
+        pickle_only = Path(cfg.path).is_dir() and not any(Path(cfg.path).glob("*.safetensors"))
+        if pickle_only and not cfg.allow_pickle:
             raise ValueError(f"model.path {cfg.path!r} holds no .safetensors weights; preftune does not load "
-                             "pickle (.bin/.pt) weights since they can execute code; convert them first")
+                             "pickle (.bin/.pt) weights since they can execute code; convert them first, or "
+                             "set model.allow_pickle=true if you trust the files")
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=cfg.attn_implementation, use_safetensors=True)
+            attn_implementation=cfg.attn_implementation, use_safetensors=not pickle_only)
     else:
         arch = dict(cfg.arch)
         model_type = arch.pop("model_type", None)

@@ -8,7 +8,7 @@ batch 4 consume the same pairs in the same order.
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import math
 import os
 import time
@@ -19,11 +19,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune import checkpoint, data, heldout, sinks
+from preftune import checkpoint, data, guard, heldout, lora, sft, sinks
 from preftune.config import Config, OptimConfig
 from preftune.logps import batch_logps, sequence_logps
 from preftune.losses import RunningMean, UnpairedLogps, bind, pair_logps
 from preftune.modeling import apply_speedups, load_model, load_tokenizer
+from preftune.reference import Reference
 
 # metrics that are means over the step's examples, each summed with its own count (KTO's chosen and rejected
 # counts differ); rewards/margins = rewards/chosen - rewards/rejected
@@ -57,13 +58,17 @@ def train(cfg: Config) -> Path:
     cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only)
     set_seed(cfg.train.seed)
-    run_dir = checkpoint.prepare_run_dir(cfg, accelerator)
+    sinks.check_available(cfg)  # on every rank, before anything is written: a missing package stops all of them
+    run_dir, resume_from = checkpoint.prepare_run_dir(cfg, accelerator)
     say = accelerator.print
 
     # --- data ---
     tokenizer = load_tokenizer(cfg.model)
     loss_fn = bind(cfg.loss)
-    if loss_fn.unpaired:  # `pairs` then holds single completions, each desirable or not (KTO)
+    sft_stage = cfg.train.stage == "sft"  # SFT examples are pairs without a rejected response
+    if sft_stage:
+        pairs, report = sft.load_examples(cfg.data.train, tokenizer, cfg.data)
+    elif loss_fn.unpaired:  # `pairs` then holds single completions, each desirable or not (KTO)
         pairs, report = data.load_unpaired(cfg.data.train, tokenizer, cfg.data)
     else:
         pairs, report = data.load_pairs(cfg.data.train, tokenizer, cfg.data, cache_dir=data.cache_dir_for(cfg))
@@ -75,11 +80,12 @@ def train(cfg: Config) -> Path:
 
     # --- models ---
     policy = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
-    reference = None
-    if loss_fn.needs_reference:
-        # frozen copy of the starting policy; reference-free losses never build one
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        apply_speedups(reference, cfg.perf, trainable=False)
+    if cfg.lora.enabled:
+        policy = lora.wrap(policy, cfg.lora, cfg.model.adapter_path)
+    # before Accelerate wraps the policy, so a copy is of the bare module; mode none builds nothing
+    reference = Reference.build(cfg, policy, tokenizer)
+    if reference.model is not None and reference.model is not policy:
+        apply_speedups(reference.model, cfg.perf, trainable=False)
     apply_speedups(policy, cfg.perf)
     fast_layout = cfg.perf.packing or cfg.perf.prefix_sharing
     if (fast_layout or cfg.perf.logps_chunk) and (loss_fn.unpaired or loss_fn.needs_token_logps
@@ -100,123 +106,166 @@ def train(cfg: Config) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.optim))
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    if reference is not None:
-        reference = accelerator.prepare_model(reference, evaluation_mode=True)
-    say(f"{len(pairs)} pairs, {total_steps} steps of {pairs_per_step} pairs, loss {cfg.loss.name}, "
-        f"{world} process(es), run dir {run_dir}")
+    # precomputed: one no-grad pass (or the cache) now, and no reference model from here on. Before any
+    # resume loads trained weights: the reference is always the starting model, never a checkpoint
+    reference.prepare(cfg, accelerator, policy, tokenizer, pairs)
+    say(f"{len(pairs)} {'examples' if sft_stage else 'pairs'}, {total_steps} steps of {pairs_per_step}, "
+        f"{'sft' if sft_stage else 'loss ' + cfg.loss.name}, reference {reference.mode}"
+        f"{' (cached)' if reference.cache_hit else ''}, {world} process(es), run dir {run_dir}")
+    # held-out eval scores arbitrary rows and samples: it gets the reference as a module (never the policy)
+    eval_reference = reference.as_module() if eval_pairs else None
+
+    # --- resume ---
+    # what a checkpoint holds besides the weights: name -> object with state_dict()/load_state_dict().
+    # Components with state of their own (a loss's running mean, a synced reference) register here.
+    nonfinite = guard.NonFiniteGuard(cfg.train.max_bad_steps)
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "nonfinite": nonfinite}
+    if accelerator.scaler is not None:  # fp16 loss scale
+        stateful["scaler"] = accelerator.scaler
+    if cfg.loss.ref_sync != "none":  # TR-DPO moves the reference
+        stateful["reference"] = accelerator.unwrap_model(reference.model)
+    # BCO's reward shift, identical on all ranks
+    running = RunningMean() if loss_fn.running_state and not sft_stage else None
+    start_step = 0
+    if resume_from is not None:
+        start_step, extra = checkpoint.load(accelerator, resume_from, policy, stateful, cfg)
+        running = RunningMean(**extra["running"]) if running is not None else None
+        say(f"resumed from {resume_from} at step {start_step}")
+    if accelerator.is_main_process:
+        checkpoint.truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
     # --- loop ---
     global_batch = cfg.train.batch_size * world
     lengths = [p.length for p in pairs]
-    stream = data.batch_stream(lengths, global_batch, cfg.train.seed, cfg.data.group_by_length)
+    # one stream item per optimiser step, cut into micro-batches: the step's pairs do not depend on how it is
+    # split into batch x accumulation x processes, and the data position is the step counter
+    stream = data.batch_stream(lengths, pairs_per_step, cfg.train.seed, cfg.data.group_by_length,
+                               start=start_step)
     pad_id = tokenizer.pad_token_id
-    running = RunningMean() if loss_fn.running_state else None  # BCO's reward shift, identical on all ranks
-    n_metrics = len(PAIR_METRICS)
-    sinks.check_available(cfg)  # on every rank: a missing package must stop all of them
+    metric_names = sft.METRICS if sft_stage else PAIR_METRICS
+    n_metrics = len(metric_names)
     metric_sinks = sinks.Sinks(cfg, run_dir) if accelerator.is_main_process else None
     if eval_pairs:
         eval_loss = heldout.pair_loss(cfg)
         eval_shard, eval_weights = heldout.shard_for_rank(eval_pairs, rank, world, cfg.eval.batch_size)
         kl_prompts = heldout.prompts_of(eval_pairs, tokenizer, cfg.eval.prompts) \
-            if reference is not None and cfg.eval.prompts > 0 else []
+            if eval_reference is not None and cfg.eval.prompts > 0 else []
         if kl_prompts:
             kl_shard, kl_weights = heldout.shard_for_rank(kl_prompts, rank, world, cfg.eval.batch_size)
-    bar = tqdm(total=total_steps, desc="train", disable=not (accelerator.is_main_process and cfg.train.progress))
-    for step in range(total_steps):
+    bar = tqdm(total=total_steps, initial=start_step, desc="train",
+               disable=not (accelerator.is_main_process and cfg.train.progress))
+    for step in range(start_step, total_steps):
         t0 = time.perf_counter()
-        micro_batches = [next(stream) for _ in range(cfg.train.grad_accum)]
+        step_indices = next(stream)
+        micro_batches = [step_indices[i:i + global_batch] for i in range(0, pairs_per_step, global_batch)]
         step_pairs = sum(len(m) for m in micro_batches)  # global count: the loss is a mean over all of them
         sums = torch.zeros(2 * n_metrics + 1, device=accelerator.device)  # sums, counts, tokens
+        records = []  # (sources, per-example losses) of each micro-batch: names the culprits of a non-finite step
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
             last = i == len(micro_batches) - 1
             # skip the gradient all-reduce on all but the last micro-batch of the step
             sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
             with sync:
-                if loss_fn.unpaired:
+                if sft_stage:
+                    batch = sft.collate([pairs[j] for j in local], pad_id).to(accelerator.device)
+                    losses, values = sft.step(policy, batch)  # (B,); per-example values in sft.METRICS order
+                elif loss_fn.unpaired:
                     unpaired = data.collate_unpaired([pairs[j] for j in local], pad_id, cfg.data.max_length)
                     unpaired = unpaired.to(accelerator.device)
                     batch = unpaired.matched
                     policy_rows = sequence_logps(policy, batch)
+                    ref_rows = reference.scores(unpaired.matched)
                     with torch.no_grad():
-                        ref_rows = sequence_logps(reference, batch)
                         # KTO's z0: mean log-ratio of mismatched (x_i, y_{i-1}) rows, never differentiated
                         kl = (sequence_logps(policy, unpaired.mismatched).logps
-                              - sequence_logps(reference, unpaired.mismatched).logps).mean()  # ()
+                              - reference.scores(unpaired.mismatched).logps).mean()  # ()
                     kl = accelerator.reduce(kl, reduction="mean")  # one estimate for the whole global batch
                     lp = UnpairedLogps(policy_rows.logps, ref_rows.logps, policy_rows.lengths,
                                        unpaired.desirable, kl)
                     policy_chosen, policy_rejected = (policy_rows.rows(unpaired.desirable),
                                                       policy_rows.rows(~unpaired.desirable))
                 else:
+                    batch_pairs = [pairs[j] for j in local]
                     if fast_layout:
-                        batch = data.pack([pairs[j] for j in local], pad_id, prefix_sharing=cfg.perf.prefix_sharing,
+                        batch = data.pack(batch_pairs, pad_id, prefix_sharing=cfg.perf.prefix_sharing,
                                           packing=cfg.perf.packing, row_tokens=cfg.perf.pack_tokens)
                     else:
-                        batch = data.collate([pairs[j] for j in local], pad_id)
+                        batch = data.collate(batch_pairs, pad_id)
                     batch = batch.to(accelerator.device)
                     tokens = dict(with_tokens=loss_fn.needs_token_logps)
                     policy_chosen, policy_rejected = batch_logps(
                         policy, batch, cfg.perf.logps_chunk, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()
-                    ref_chosen = ref_rejected = None
-                    if reference is not None:
-                        with torch.no_grad():
-                            ref_chosen, ref_rejected = batch_logps(reference, batch, cfg.perf.logps_chunk,
-                                                                   **tokens).halves()
+                    ref_rows = reference.scores(batch, batch_pairs, **tokens)  # (2B,) rows; None: no reference
+                    ref_chosen, ref_rejected = ref_rows.halves() if ref_rows is not None else (None, None)
                     lp = pair_logps(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-                out = loss_fn(lp, running)  # per-example losses (B,)
+                if not sft_stage:
+                    out = loss_fn(lp, running)
+                    losses = out.losses  # (B,) per-example
+                    values = (out.losses, out.chosen_rewards, out.rejected_rewards, out.accuracies(),
+                              policy_chosen.logps, policy_rejected.logps,
+                              policy_chosen.mean_logits, policy_rejected.mean_logits)  # in PAIR_METRICS order
                 # DDP averages gradients over processes, hence x world: the step's gradient is that of
                 # the mean loss over every pair of the step, whatever the batch/accumulation/process split
-                accelerator.backward(out.losses.sum() * world / step_pairs)
+                accelerator.backward(losses.sum() * world / step_pairs)
+            records.append((batch.sources, losses.detach()))
             with torch.no_grad():
-                values = (out.losses, out.chosen_rewards, out.rejected_rewards, out.accuracies(),
-                          policy_chosen.logps, policy_rejected.logps,
-                          policy_chosen.mean_logits, policy_rejected.mean_logits)  # in PAIR_METRICS order
                 sums += torch.stack([v.detach().float().sum() for v in values]
                                     + [torch.tensor(float(v.numel()), device=accelerator.device) for v in values]
                                     + [torch.tensor(float(batch.num_tokens), device=accelerator.device)])
 
-        # --- optimiser step ---
+        # --- optimiser step: never with a non-finite loss or gradient (a skipped step still moves the
+        # schedule and the data on, so the run stays a function of the step counter) ---
+        sums = accelerator.reduce(sums, reduction="sum")  # before the check: every process sees the same loss
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        optimizer.step()
+        if nonfinite.check(accelerator, step + 1, sums[0].item(), float(grad_norm), records):
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if cfg.loss.ref_sync != "none" and (step + 1) % cfg.loss.ref_sync_every == 0:
             alpha = 1.0 if cfg.loss.ref_sync == "hard" else cfg.loss.ref_sync_alpha
-            sync_reference(accelerator.unwrap_model(reference), accelerator.unwrap_model(policy), alpha)
+            sync_reference(accelerator.unwrap_model(reference.model), accelerator.unwrap_model(policy), alpha)
 
         # --- metrics: summed over processes once, then divided by the pair count once ---
-        sums = accelerator.reduce(sums, reduction="sum")
         elapsed = time.perf_counter() - t0
         n_tokens = sums[-1].item()
         means = {name: sums[k].item() / sums[n_metrics + k].item() if sums[n_metrics + k] > 0 else None
-                 for k, name in enumerate(PAIR_METRICS)}  # None: no such example this step (KTO)
+                 for k, name in enumerate(metric_names)}  # None: no such example this step (KTO)
         if running is not None:
             chosen, rejected = PAIR_METRICS.index("rewards/chosen"), PAIR_METRICS.index("rewards/rejected")
             running = running.update(sums[chosen].item() + sums[rejected].item(),
                                      sums[n_metrics + chosen].item() + sums[n_metrics + rejected].item())
         row = {"step": step + 1, **means}
-        if means["rewards/chosen"] is not None and means["rewards/rejected"] is not None:
+        if means.get("rewards/chosen") is not None and means.get("rewards/rejected") is not None:
             row["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
-        row.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=n_tokens / elapsed)
+        row.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=n_tokens / elapsed,
+                   skipped_steps=nonfinite.skipped)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+        accuracy = row.get("rewards/accuracies")  # absent for SFT, None on a KTO step without pairs
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc="-" if accuracy is None else f"{accuracy:.2f}")
 
         # --- held-out eval: every rank scores its equal-length shard (a rank-0-only forward hangs FSDP) ---
         evaluating = bool(eval_pairs) and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total_steps)
         if evaluating:
-            eval_sums = heldout.eval_sums(policy, reference, eval_shard, eval_weights, loss_fn=eval_loss,
+            eval_sums = heldout.eval_sums(policy, eval_reference, eval_shard, eval_weights, loss_fn=eval_loss,
                                           pad_id=pad_id, batch_size=cfg.eval.batch_size, device=accelerator.device)
-            kl_sums = heldout.kl_sums(accelerator.unwrap_model(policy), policy, reference, tokenizer, kl_shard,
+            kl_sums = heldout.kl_sums(accelerator.unwrap_model(policy), policy, eval_reference, tokenizer, kl_shard,
                                       kl_weights, cfg.eval, synced_gpus=world > 1,
                                       device=accelerator.device) if kl_prompts else None
             row.update(heldout.eval_row(accelerator.reduce(eval_sums, reduction="sum"),
                                         None if kl_sums is None else accelerator.reduce(kl_sums, reduction="sum")))
         if metric_sinks is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps
                                          or evaluating):
-            metric_sinks.write(row)
+            metric_sinks.write(guard.json_safe(row))  # a skipped step's NaN loss is written as null
+        nonfinite.stop_if_stuck(lr, cfg.train.mixed_precision)
+
+        # --- checkpoint ---
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+            # plain values the loop replaces each step ride along as `extra`
+            extra = {"running": dataclasses.asdict(running)} if running is not None else {}
+            checkpoint.save(accelerator, run_dir, step + 1, policy, stateful, cfg, extra)
     bar.close()
     if metric_sinks is not None:
         metric_sinks.close()

@@ -108,7 +108,7 @@ def _text(row: dict[str, Any], name: str, where: str, role: str) -> Text:
     """A string, one message dict, or a list of {"role", "content"} messages, checked."""
     value = _get(row, name, where)
     if isinstance(value, str):
-        return value
+        return _encodable(value, name, where)
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
@@ -122,9 +122,20 @@ def _text(row: dict[str, Any], name: str, where: str, role: str) -> Text:
             if not isinstance(msg.get(key), str):
                 problem = "missing" if key not in msg else f"not a string ({type(msg[key]).__name__})"
                 raise RecordProblem(where, name, f"message {k}: '{key}' {problem}", "bad message")
+            _encodable(msg[key], name, where)
     if not value and role == "assistant":
         raise RecordProblem(where, name, "has no messages", "empty response")
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _encodable(value: str, name: str, where: str) -> str:
+    """JSON allows an unpaired surrogate ("\\ud800"); no tokenizer can encode one, so say where it is."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RecordProblem(where, name, f"holds an unpaired UTF-16 surrogate at character {err.start + 1}",
+                            "invalid text") from None
+    return value
 
 
 def _as_messages(value: Text, role: str) -> Messages:

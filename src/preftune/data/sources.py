@@ -51,16 +51,24 @@ def _object(where: str, value: Any) -> dict[str, Any] | RecordProblem:
 
 
 def _jsonl(path: str) -> Iterator[Row]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes: a bad byte is reported at its line, not replaced silently
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                yield where, RecordProblem(where, "record", f"not valid UTF-8 (byte {raw[err.start]:#04x} at "
+                                           f"column {err.start + 1})", "invalid UTF-8")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, _object(where, json.loads(line.rstrip("\r\n")))
             except json.JSONDecodeError as err:
                 yield where, RecordProblem(where, "record", f"not valid JSON ({err.msg} at column {err.colno})",
                                            "invalid JSON")
+            except RecursionError:
+                yield where, RecordProblem(where, "record", "JSON nested too deeply", "invalid JSON")
 
 
 def _json(path: str) -> Iterator[Row]:
@@ -68,6 +76,8 @@ def _json(path: str) -> Iterator[Row]:
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     except json.JSONDecodeError:
         yield from _jsonl(path)  # .json files are often JSON lines in practice
         return
@@ -114,7 +124,7 @@ def _cell(value: str) -> Any:
     if stripped.startswith("[") and stripped.endswith("]"):
         try:
             parsed = json.loads(stripped)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
         if isinstance(parsed, list) and all(isinstance(m, dict) and "role" in m for m in parsed):
             return parsed

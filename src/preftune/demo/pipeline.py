@@ -42,7 +42,7 @@ class Settings:
     """Fresh training prompts per round (never reused, never evaluation prompts)."""
     samples_per_prompt: int = 8
     """Completions sampled per training prompt (the paper: 4)."""
-    pairs_per_prompt: int = 8
+    pairs_per_prompt: int = 6
     """Pairs kept per prompt, widest reward gap first (the paper: all 6 of 4 samples)."""
     max_new_tokens: int = 24
     """Length limit of every sampled completion, in tokens."""
@@ -244,11 +244,35 @@ def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
                          for i in range(len(pol_eval))],
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_html_report(out, step_rows, cmp, results["eval_samples"], s)
     print("\nheld-out samples (all of them in samples.md):\n" + "\n".join(table_md.splitlines()[:7]))
     print(f"\n{table}\n")
     print(f"total {timing['wall_s']:.0f} s wall ({timing['cpu_s']:.0f} s CPU); wrote {out}/results.json, "
-          f"training.png, reward_vs_kl.png, samples.md")
+          f"training.png, reward_vs_kl.png, samples.md, report.html")
     return results
+
+
+def write_html_report(out: Path, step_rows: list[dict], cmp: evaluate.Comparison, eval_samples: list[dict],
+                      s: Settings) -> Path:
+    """`out/report.html` through `preftune report`'s writer: the demo's rows, evaluation and samples laid out
+    in the files that writer reads (metrics.jsonl, eval.json, samples.jsonl)."""
+    from preftune.report import write_report
+
+    def interval(t: tuple[float, float, float]) -> dict:
+        return {"mean": t[0], "low": t[1], "high": t[2]}
+
+    with open(out / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in step_rows)
+    win = {**interval(cmp.win_rate), "judge": "sentiment classifier", "policy_reward": interval(cmp.policy_reward),
+           "reference_reward": interval(cmp.reference_reward), "reward_gain": interval(cmp.reward_gain)}
+    evaluation = {"level": 0.95, "kl": interval(cmp.kl), "win_rate": win,
+                  "sampling": {"prompts": cmp.num_prompts, "n_per_prompt": cmp.n_per_prompt}}
+    (out / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    with open(out / "samples.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": e["prompt"], "reference": e["reference"], "policy": e["policy"],
+                                 "reference_score": e["reference_reward"], "policy_score": e["policy_reward"]})
+                     + "\n" for e in eval_samples)
+    return write_report(out, title=f"preftune demo: controlled sentiment, {s.rounds} round(s)")
 
 
 def _first_per_prompt(samples: evaluate.Samples, k: int) -> evaluate.Samples:

@@ -1,0 +1,74 @@
+"""LoRA through peft: wrap the policy in fresh or existing adapters; merge a trained adapter into a full model.
+
+A run trained with LoRA exports the adapter alone to `<run>/final` (megabytes, not the model). `merge` rebuilds
+the run's base model from its saved config, loads that adapter and writes a plain HF model whose outputs equal
+the adapter model's (`preftune export`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from preftune import config
+from preftune.config import Config, LoraConfig
+from preftune.modeling import load_model, load_tokenizer
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's marker file of an adapter directory
+
+
+def wrap(model: torch.nn.Module, lora: LoraConfig, adapter_path: str = "") -> torch.nn.Module:
+    """The model with trainable LoRA adapters and every base weight frozen.
+
+    With `adapter_path` the adapters are that existing adapter (its own rank and targets, saved beside it),
+    trained further; otherwise fresh adapters whose up-projection starts at zero, so the wrapped model
+    computes exactly what the base did.
+    """
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import PeftModel, get_peft_model
+    except ImportError:
+        raise ImportError("lora.enabled=true needs peft: pip install 'preftune[lora]'") from None
+
+    if adapter_path:
+        if not (Path(adapter_path) / ADAPTER_CONFIG).is_file():
+            raise ValueError(f"model.adapter_path {adapter_path!r} holds no {ADAPTER_CONFIG}; expected a "
+                             "directory written by peft's save_pretrained (e.g. a LoRA run's final/)")
+        return PeftModel.from_pretrained(model, adapter_path, is_trainable=True).train()
+    peft_config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) or "all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_config).train()
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def load_adapter_model(run_dir: Path, adapter_dir: Path | None = None) -> tuple[Config, torch.nn.Module, object]:
+    """The base model a run trained (rebuilt from its config.yaml: a HF directory, or the same random model
+    from `arch` and seed) with the run's trained adapter loaded, in eval mode; plus its config and tokenizer."""
+    from peft import PeftModel
+
+    cfg = config.load(run_dir / "config.yaml")
+    adapter_dir = adapter_dir or run_dir / "final"
+    if not is_adapter_dir(adapter_dir):
+        raise ValueError(f"{adapter_dir} holds no {ADAPTER_CONFIG}: run {str(run_dir)!r} did not train LoRA "
+                         "adapters, and its final/ is already a full model")
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    return cfg, PeftModel.from_pretrained(base, adapter_dir).eval(), tokenizer
+
+
+def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the run's base + trained adapter as one plain HF model directory (safetensors + tokenizer)."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"export directory {str(out_dir)!r} is not empty; choose another")
+    _, model, tokenizer = load_adapter_model(run_dir)
+    merged = model.merge_and_unload()  # W + (alpha / r) B A folded into each target weight
+    merged.config.use_cache = True
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

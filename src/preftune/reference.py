@@ -1,0 +1,313 @@
+"""The reference model of a preference loss, held in one of several ways that all give the same numbers.
+
+Modes (`reference.mode`; docs/reference.md says when to use which):
+  copy          a frozen deep copy of the starting policy (for LoRA from an adapter: of that adapter model)
+  precomputed   one no-grad pass over every pair before training, cached on disk; no reference in memory
+                while training
+  adapters_off  LoRA: the policy itself with its adapters switched off, i.e. the frozen base
+  path          a frozen model loaded from reference.path (e.g. the SFT model while the policy starts elsewhere)
+  none          reference-free losses and SFT: nothing is built or run
+
+The reference never sees a trained weight: copy and path are separate frozen modules, adapters_off runs only
+the frozen base weights, and a precomputed table is fixed before the first step; a pair missing from the table
+is an error, never a quiet fall-back to the policy.
+
+Like checkpoint.py this is engine-aware setup code: it hands reference models to Accelerate (so they are
+sharded like the policy under FSDP) and gathers the shares of a multi-process precompute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from preftune import data
+from preftune.config import Config, reference_mode
+from preftune.data import Batch, TokenizedPair
+from preftune.logps import SequenceLogps, batch_logps, sequence_logps
+from preftune.modeling import load_model
+
+CACHE_FORMAT = 1  # bump when the meaning of a cached number changes
+
+
+resolve_mode = reference_mode  # the concrete mode `auto` stands for (defined beside its validation)
+
+
+def pair_key(pair: TokenizedPair) -> tuple[tuple[int, ...], ...]:
+    """A pair's identity in the precomputed table: its token ids, whatever file or position it came from."""
+    return tuple(pair.prompt_ids), tuple(pair.chosen_ids), tuple(pair.rejected_ids)
+
+
+class Reference:
+    """Reference log-probs of a batch. `build` before the policy is prepared, `prepare` after, then `logps`."""
+
+    def __init__(self, mode: str, model: torch.nn.Module | None = None):
+        self.mode = mode
+        self.model = model
+        """copy/path: the frozen reference; adapters_off: the prepared policy; otherwise None"""
+        self.table: dict[tuple, Tensor] | None = None
+        """precomputed: pair_key -> (2,) reference logps of (chosen, rejected)"""
+        self.cache_file: Path | None = None
+        self.cache_hit = False
+        self._peft: torch.nn.Module | None = None  # adapters_off: the unwrapped peft model that owns the switch
+        self._identity = ""  # precomputed: the reference weights' digest, part of the cache key
+
+    @classmethod
+    def build(cls, cfg: Config, policy: torch.nn.Module, tokenizer) -> Reference:
+        """The reference of `cfg` for the starting `policy`, before Accelerate wraps it (a deep copy of a
+        wrapped or sharded module would copy the wrapper)."""
+        mode = resolve_mode(cfg)
+        model = None
+        if mode == "copy":
+            model = copy.deepcopy(policy)
+        elif mode == "path":
+            model = load_reference_model(cfg, tokenizer)
+        if model is not None:
+            model = model.eval().requires_grad_(False)
+        reference = cls(mode, model)
+        if mode == "precomputed":
+            # here, not after prepare: every process still holds the full starting weights (under FSDP a
+            # digest of each process's shard would differ, and processes would disagree about a cache hit)
+            reference._identity = files_digest(cfg.reference.path) if cfg.reference.path else weights_digest(policy)
+        return reference
+
+    def prepare(self, cfg: Config, accelerator: Accelerator, policy: torch.nn.Module, tokenizer,
+                pairs: list[TokenizedPair]) -> Reference:
+        """Place the reference beside the prepared policy; for precomputed, fill the table from the cache or
+        one no-grad pass over `pairs` (the policy's starting weights, or reference.path) and free that model."""
+        if self.model is not None:
+            self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
+        elif self.mode == "adapters_off":
+            self.model, self._peft = policy, accelerator.unwrap_model(policy)
+        elif self.mode == "precomputed":
+            self._precompute(cfg, accelerator, policy, tokenizer, pairs)
+        return self
+
+    def scores(self, batch: Batch, batch_pairs: list[TokenizedPair] | None = None, *,
+               with_tokens: bool = False) -> SequenceLogps | None:
+        """Reference results for every row of `batch` (chosen rows then rejected rows for pairs; any rows
+        for a model-held reference, e.g. KTO's mismatched ones); None without a reference.
+
+        A precomputed table answers by pair, so it needs `batch_pairs` (the pairs the rows come from, in
+        order), and it holds sums only: its token fields are None (WPO reads only the policy's tokens;
+        config.validate keeps the table away from LD-DPO, which would need the reference's)."""
+        if self.mode == "none":
+            return None
+        if self.table is not None:
+            if batch_pairs is None:
+                raise ValueError("precomputed reference log-probs are per pair; this loss scores rows that are "
+                                 "not training pairs (use copy, path or adapters_off)")
+            try:
+                rows = torch.stack([self.table[pair_key(p)] for p in batch_pairs])  # (B, 2)
+            except KeyError:
+                missing = [p.source for p in batch_pairs if pair_key(p) not in self.table]
+                raise KeyError(f"pairs {missing[:3]} have no precomputed reference log-probs; precompute "
+                               "over every split you score (the policy is never a stand-in)") from None
+            logps = rows.T.reshape(-1).to(batch.input_ids.device)  # (2B,): chosen rows, then rejected rows
+            # response lengths from the pairs themselves: the same count as a plain batch's labels, and
+            # independent of the layout (a packed batch (perf.packing) has no per-row labels)
+            lengths = torch.tensor([float(len(p.chosen_ids)) for p in batch_pairs]
+                                   + [float(len(p.rejected_ids)) for p in batch_pairs],
+                                   device=batch.input_ids.device)  # (2B,)
+            return SequenceLogps(logps, lengths, torch.zeros_like(logps))  # logits: not kept, not needed
+        # adapters_off runs the training policy: eval mode so dropout can't touch the reference
+        was_training = self.model.training
+        switch = self._peft.disable_adapter() if self._peft is not None else contextlib.nullcontext()
+        self.model.eval()
+        try:
+            with torch.no_grad(), switch:
+                if isinstance(batch, data.PackedBatch):  # perf.packing / prefix_sharing layouts
+                    return batch_logps(self.model, batch)
+                return sequence_logps(self.model, batch, with_tokens=with_tokens)
+        finally:
+            self.model.train(was_training)
+
+    def as_module(self) -> torch.nn.Module | None:
+        """The reference as a module for code that runs it on arbitrary rows or samples (held-out eval, KL):
+        the frozen model, or the policy wrapped so that every call runs with its adapters off; None without
+        a reference. A precomputed table has no module (config.validate refuses in-training eval with it)."""
+        if self.mode == "none":
+            return None
+        if self.table is not None:
+            raise ValueError("a precomputed reference has no model to run on held-out rows; use copy or "
+                             "evaluate afterwards with `preftune eval`, which rebuilds the reference")
+        return _AdaptersOff(self.model, self._peft) if self._peft is not None else self.model
+
+    # --- precomputed ---
+
+    def _precompute(self, cfg: Config, accelerator: Accelerator, policy: torch.nn.Module, tokenizer,
+                    pairs: list[TokenizedPair]) -> None:
+        key = cache_key(self._identity, pairs, cfg)
+        cache_dir = Path(cfg.reference.cache_dir or Path(cfg.train.output_dir) / "ref_cache")
+        self.cache_file = cache_dir / f"{key}.safetensors"
+        table = load_cached(self.cache_file, len(pairs))
+        self.cache_hit = table is not None
+        if table is None:
+            model = policy
+            if cfg.reference.path:
+                model = accelerator.prepare_model(
+                    load_reference_model(cfg, tokenizer).eval().requires_grad_(False), evaluation_mode=True)
+            table = precompute_logps(model, pairs, tokenizer.pad_token_id, cfg.train.batch_size, accelerator)
+            if model is not policy:
+                # the loaded reference goes now: Accelerate's registry would otherwise keep it alive all run
+                accelerator._models = [m for m in accelerator._models if m is not model]
+                del model
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            if accelerator.is_main_process:
+                save_cached(self.cache_file, table, key)
+            accelerator.wait_for_everyone()
+        self.table = {pair_key(p): row for p, row in zip(pairs, table, strict=True)}
+
+
+class _AdaptersOff(torch.nn.Module):
+    """The (LoRA) policy seen as its frozen base: each forward runs in eval mode with the adapters off."""
+
+    def __init__(self, policy: torch.nn.Module, peft: torch.nn.Module):
+        super().__init__()
+        self._held = (policy, peft)  # a tuple, not submodules: this wrapper owns no parameters
+
+    def forward(self, *args, **kwargs):
+        policy, peft = self._held
+        was_training = policy.training
+        policy.eval()
+        try:
+            with torch.no_grad(), peft.disable_adapter():
+                return policy(*args, **kwargs)
+        finally:
+            policy.train(was_training)
+
+
+def load_reference_model(cfg: Config, tokenizer) -> torch.nn.Module:
+    """reference.path as a HF model in the policy's dtype and attention kernel."""
+    from dataclasses import replace
+
+    ref_cfg = replace(cfg.model, path=cfg.reference.path, arch={}, adapter_path="")
+    model = load_model(ref_cfg, tokenizer)
+    if model.config.vocab_size < len(tokenizer):
+        raise ValueError(f"reference.path {cfg.reference.path!r}: vocab_size {model.config.vocab_size} is "
+                         f"smaller than the tokenizer's {len(tokenizer)}")
+    return model
+
+
+@torch.no_grad()
+def precompute_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
+                     accelerator: Accelerator) -> Tensor:
+    """(N, 2) reference logps of (chosen, rejected) for every pair, from one no-grad pass.
+
+    Process r scores pairs r, r + W, r + 2W, ...; every process runs the same number of forwards (shares are
+    padded by repeating a pair) because under FSDP each forward is a collective. One gather at the end.
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_rank = math.ceil(len(pairs) / world)
+    share = list(range(rank, len(pairs), world))
+    share += [share[-1] if share else 0] * (per_rank - len(share))
+    was_training = model.training
+    model.eval()
+    local = torch.zeros(per_rank, 2, device=accelerator.device)  # (per_rank, 2)
+    for start in range(0, per_rank, batch_size):
+        rows = share[start:start + batch_size]
+        batch = data.collate([pairs[i] for i in rows], pad_id).to(accelerator.device)
+        chosen, rejected = sequence_logps(model, batch).halves()
+        local[start:start + len(rows)] = torch.stack([chosen.logps, rejected.logps], dim=1).float()
+    model.train(was_training)
+    gathered = accelerator.gather(local).cpu()  # (world * per_rank, 2), rank-major
+    table = torch.empty(len(pairs), 2)
+    for r in range(world):
+        idx = list(range(r, len(pairs), world))
+        table[idx] = gathered[r * per_rank:r * per_rank + len(idx)]
+    return table
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes: the identity of a model's weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def files_digest(path: str) -> str:
+    """sha256 of a model directory's weight and config files (content, not dates): the weights' identity
+    without loading them, so a cache hit never loads the reference."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise ValueError(f"reference.path {path!r} holds no .safetensors weights")
+    for p in files:
+        h.update(p.name.encode() + b"|")
+        with p.open("rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def cache_key(model_identity: str, pairs: list[TokenizedPair], cfg: Config) -> str:
+    """sha256 of (reference weights, every pair's token ids in order, settings that change the numbers).
+
+    Token ids stand for the tokenizer and the truncation settings: any change there changes an id."""
+    h = hashlib.sha256()
+    settings = {"format": CACHE_FORMAT, "dtype": cfg.model.dtype, "attn": cfg.model.attn_implementation,
+                "mixed_precision": cfg.train.mixed_precision}
+    h.update(json.dumps({"model": model_identity, "settings": settings}, sort_keys=True).encode())
+    for p in pairs:
+        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return h.hexdigest()[:32]
+
+
+def load_cached(path: Path, num_pairs: int) -> Tensor | None:
+    if not path.is_file():
+        return None
+    table = load_file(path)["logps"]  # (N, 2)
+    if table.shape != (num_pairs, 2):  # the key covers the pair count; this only guards a damaged file
+        return None
+    return table
+
+
+def save_cached(path: Path, table: Tensor, key: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"logps": table.contiguous()}, tmp, metadata={"key": key, "pairs": str(len(table))})
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def model_for_eval(run_dir: str | Path) -> tuple[torch.nn.Module, object]:
+    """The reference a finished run trained against, as a frozen model for evaluation, rebuilt from the run's
+    config.yaml; never the trained policy. Returns (model, tokenizer)."""
+    from preftune import config
+    from preftune.modeling import load_tokenizer
+
+    cfg = config.load(Path(run_dir) / "config.yaml")
+    if resolve_mode(cfg) == "none":
+        raise ValueError(f"run {str(run_dir)!r} trained without a reference ({cfg.train.stage} stage, loss "
+                         f"{cfg.loss.name!r}); compare against its starting model instead: {cfg.model.path!r}")
+    tokenizer = load_tokenizer(cfg.model)
+    return starting_reference(cfg, tokenizer), tokenizer
+
+
+def starting_reference(cfg: Config, tokenizer) -> torch.nn.Module:
+    """The reference of `cfg` rebuilt from disk, frozen: reference.path when set; otherwise the starting
+    policy (with model.adapter_path: that starting adapter model, never the bare base); the base for
+    adapters_off."""
+    from preftune import lora
+
+    if cfg.reference.path:
+        model = load_reference_model(cfg, tokenizer)
+    else:
+        model = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
+        if cfg.model.adapter_path and resolve_mode(cfg) != "adapters_off":
+            model = lora.wrap(model, cfg.lora, cfg.model.adapter_path)
+    return model.eval().requires_grad_(False)
