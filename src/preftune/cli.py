@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import signal
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -273,8 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if hasattr(signal, "SIGPIPE"):  # `preftune ... | head` ends quietly, as other command-line tools do
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling a trailing positional list (the dotted overrides) at the first option, so
@@ -287,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except BrokenPipeError:  # `preftune ... | head`: the reader left; end quietly as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (config.ConfigError, FileExistsError) as err:
         print(f"preftune: error: {err}", file=sys.stderr)
         return 2
