@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import signal
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -13,28 +13,28 @@ from pathlib import Path
 from preftune import config
 
 
-def config_reference() -> str:
-    """Every config key with its default and the docstring written beside it in config.py."""
-    lines = []
+def config_keys() -> list[tuple[str, object, str]]:
+    """(dotted key, default, the docstring written beside the field in config.py) for every config key."""
+    keys = []
     for section in dataclasses.fields(config.Config):
         cls = section.default_factory  # type: ignore[misc]
         docs = config.field_docs(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {section.name}.{f.name} = {default!r}")
-            lines.append(textwrap.indent(textwrap.fill(docs.get(f.name, ""), 90), "      "))
-    return "\n".join(lines)
+            keys.append((f"{section.name}.{f.name}", default, docs.get(f.name, "")))
+    return keys
+
+
+def config_reference() -> str:
+    """Every config key with its default and meaning, for `--help`."""
+    return "\n".join(f"  {key} = {default!r}\n" + textwrap.indent(textwrap.fill(doc, 90), "      ")
+                     for key, default, doc in config_keys())
 
 
 def config_markdown() -> str:
-    """The README's config reference: one table row per key, from the docstrings in config.py."""
+    """The README's config reference: one table row per key."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    for section in dataclasses.fields(config.Config):
-        cls = section.default_factory  # type: ignore[misc]
-        docs = config.field_docs(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            rows.append(f"| `{section.name}.{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+    rows += [f"| `{key}` | `{default!r}` | {doc} |" for key, default, doc in config_keys()]
     return "\n".join(rows)
 
 
@@ -273,8 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if hasattr(signal, "SIGPIPE"):  # `preftune ... | head` ends quietly, as other command-line tools do
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling a trailing positional list (the dotted overrides) at the first option, so
@@ -287,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except BrokenPipeError:  # `preftune ... | head`: the reader left; end quietly as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (config.ConfigError, FileExistsError) as err:
         print(f"preftune: error: {err}", file=sys.stderr)
         return 2

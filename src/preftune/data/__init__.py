@@ -28,34 +28,27 @@ from preftune.data.tokenize import (
 )
 
 
-def read_jsonl(path: str | Path) -> list[PairRecord]:
-    """Strictly read {"prompt", "chosen", "rejected"} JSONL: the first bad record is an error naming
-    file:line: field (load_pairs instead skips and reports bad records)."""
+def _read_strict(path: str | Path, shape: str) -> list:
+    """Every record of a JSONL file in `shape`; the first bad record is an error naming file:line: field."""
     records = []
     for where, row in read_rows(str(path), "jsonl"):
         if isinstance(row, RecordProblem):
             raise row
-        record = to_record(row, "pairs", where, min_score_ratio=1.0)
-        assert isinstance(record, PairRecord)
-        records.append(record)
+        records.append(to_record(row, shape, where, min_score_ratio=1.0))
     if not records:
         raise DataError(f"{path}: no records")
     return records
+
+
+def read_jsonl(path: str | Path) -> list[PairRecord]:
+    """Strictly read {"prompt", "chosen", "rejected"} JSONL (load_pairs instead skips and reports bad records)."""
+    return _read_strict(path, "pairs")
 
 
 def read_unpaired_jsonl(path: str | Path) -> list[UnpairedRecord]:
-    """Strictly read {"prompt", "completion", "label"} JSONL (KTO): the first bad record is an error naming
-    file:line: field (load_unpaired instead skips and reports bad records when data.skip_invalid)."""
-    records = []
-    for where, row in read_rows(str(path), "jsonl"):
-        if isinstance(row, RecordProblem):
-            raise row
-        record = to_record(row, "unpaired", where, min_score_ratio=1.0)
-        assert isinstance(record, UnpairedRecord)
-        records.append(record)
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
+    """Strictly read {"prompt", "completion", "label"} JSONL for KTO (load_unpaired instead skips and reports
+    bad records when data.skip_invalid)."""
+    return _read_strict(path, "unpaired")
 
 
 __all__ = [

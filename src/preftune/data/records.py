@@ -123,8 +123,8 @@ def _text(row: dict[str, Any], name: str, where: str, role: str) -> Text:
                 problem = "missing" if key not in msg else f"not a string ({type(msg[key]).__name__})"
                 raise RecordProblem(where, name, f"message {k}: '{key}' {problem}", "bad message")
             _encodable(msg[key], name, where)
-    if not value and role == "assistant":
-        raise RecordProblem(where, name, "has no messages", "empty response")
+    if not value:  # an empty conversation is a mistake, not an empty prompt (that is "")
+        raise RecordProblem(where, name, "has no messages", "empty response" if role == "assistant" else "bad message")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
