@@ -13,10 +13,10 @@ Arms:
   trl_default      DPOTrainer defaults: separate reference model, gradient checkpointing on
   trl_best         precompute_ref_log_probs=True, gradient checkpointing off (TRL's fastest CPU settings;
                    its padding_free is off since its DPO refactor)
-  preftune         separate reference model, perf switches on (prefix sharing, packing, chunked log-probs)
-  preftune_precomp reference log-probs computed once before training (no reference model in memory).
-                   Until train() has a reference mode, this arm precomputes them here through the public
-                   API (batch_logps of the untouched policy under no_grad) and times that in "first step".
+  preftune         preftune's train() with reference.mode=copy (a separate reference model) and its perf
+                   switches on (prefix sharing, packing, chunked log-probs; per size: PREFTUNE_PERF)
+  preftune_precomp the same with reference.mode=precomputed: one no-grad pass over the pairs before the first
+                   step (timed in "first step"), no reference model in memory afterwards
 
 Throughput counts the workload's non-pad tokens (2 x prompt + chosen + rejected per pair, what a plain
 padded batch attends to) for every arm, whatever layout computes them. MFU = 6 N x tokens/s over the fp32
@@ -46,12 +46,19 @@ BATCH, MAX_LENGTH, BETA, LR, SEED = 8, 512, 0.1, 1e-6, 0
 PROMPT_LEN, RESPONSE_LEN = (64, 128), (64, 192)
 
 # preftune's switches for its arms, per model size; chosen by the measurements in docs/performance.md
+# (6M: packing's per-unit attention calls cost more than the padding they save on a model this small, so
+# prefix-shared rows go through one SDPA call with a block mask instead)
 PREFTUNE_PERF = {
-    "6M": {"prefix_sharing": True, "packing": True, "pack_tokens": 0, "logps_chunk": 0,
-           "gradient_checkpointing": 0, "compile": False},
+    "6M": {"prefix_sharing": True, "packing": False, "pack_tokens": 0, "logps_chunk": 1024,
+           "gradient_checkpointing": 0, "compile": False, "fused_adamw": True, "mmap_threshold_kb": 1024},
     "110M": {"prefix_sharing": True, "packing": True, "pack_tokens": 0, "logps_chunk": 1024,
-             "gradient_checkpointing": 1, "compile": False},
+             "gradient_checkpointing": 1, "compile": False, "fused_adamw": True, "mmap_threshold_kb": 1024},
 }
+# TRL's default arm again under the allocator setting preftune's perf.mmap_threshold_kb makes (glibc reads
+# it from the environment at start-up), so the memory ratio is not just an allocator tweak TRL could have too.
+# Peak memory is reached in the first two steps, so this arm runs only those.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
+MEMORY_ONLY = {"trl_default_mmap": (1, 1)}  # arm -> (warm-up, timed) steps
 
 
 # --- workload (parent) ---
@@ -125,7 +132,7 @@ def child_trl(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     records = [json.loads(line) for line in Path(args.pairs).read_text().splitlines()]
-    best = args.arm == "trl_best"
+    best = args.arm == "trl_best"  # trl_default_mmap is trl_default in another environment
     trl_args = DPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, max_length=MAX_LENGTH, beta=BETA,
         learning_rate=LR, max_steps=args.warmup + args.steps, bf16=False, fp16=False, use_cpu=True,
@@ -147,86 +154,64 @@ def child_trl(args: argparse.Namespace) -> dict:
 
 
 def child_preftune(args: argparse.Namespace) -> dict:
-    """The steps train() takes (same data stream, layout, log-prob path, loss, clipping, AdamW), timed."""
-    import copy
-
+    """preftune's own trainer, `train()`, on the workload; a step ends when its metrics row is written."""
     import torch
 
-    from preftune import config, data
-    from preftune.logps import batch_logps
-    from preftune.losses import Logps, bind
-    from preftune.modeling import apply_speedups, load_model, load_tokenizer
+    from preftune import config, data, sinks
+    from preftune.modeling import load_tokenizer
+    from preftune.train import train
 
     perf = dict(PREFTUNE_PERF[args.size], **json.loads(args.perf))
+    steps = args.warmup + args.steps
     cfg = config.from_dict({
         "model": {"path": args.model_dir},
+        # precomputed: the log-prob cache lives in this run's own output dir, so every run pays for its pass
+        "reference": {"mode": "precomputed" if args.arm == "preftune_precomp" else "copy"},
         "data": {"train": args.pairs, "max_length": MAX_LENGTH, "max_prompt_length": 256},
         "loss": {"name": "dpo", "beta": BETA},
         "optim": {"lr": LR, "warmup_steps": 0, "max_grad_norm": 1.0},  # TRL's clip norm, for like-for-like
-        "train": {"batch_size": BATCH, "seed": SEED},
+        "train": {"batch_size": BATCH, "seed": SEED, "max_steps": steps, "log_every": 1, "save_every": 0,
+                  "progress": False, "output_dir": str(Path(args.pairs).parent / f"runs-{os.getpid()}")},
         "perf": perf,
     })
-    torch.manual_seed(SEED)
+    # the padding share of the layouts train() builds: the same stream of batches, laid out the same way
     tokenizer = load_tokenizer(cfg.model)
     pairs, _ = data.load_pairs(cfg.data.train, tokenizer, cfg.data)
-    policy = load_model(cfg.model, tokenizer, seed=SEED)
-    loss_fn = bind(cfg.loss.name, cfg.loss.beta, cfg.loss.params)
-    pad_id = tokenizer.pad_token_id
-
-    def layout(chunk: list[data.TokenizedPair]):
-        if cfg.perf.packing or cfg.perf.prefix_sharing:
-            return data.pack(chunk, pad_id, prefix_sharing=cfg.perf.prefix_sharing, packing=cfg.perf.packing,
-                             row_tokens=cfg.perf.pack_tokens)
-        return data.collate(chunk, pad_id)
-
-    apply_speedups(policy, cfg.perf)
-    precomputed = args.arm == "preftune_precomp"
-    reference, ref_logps = None, None
-    if precomputed:
-        # the reference is the starting policy: score every pair once, before any step, then never again
-        ref_logps = torch.zeros(len(pairs), 2)
-        policy.eval()
-        with torch.no_grad():
-            for s in range(0, len(pairs), 2 * BATCH):
-                idx = list(range(s, min(s + 2 * BATCH, len(pairs))))
-                batch = layout([pairs[i] for i in idx])
-                chosen, rejected = batch_logps(policy, batch, cfg.perf.logps_chunk).halves()
-                ref_logps[idx] = torch.stack([chosen.logps, rejected.logps], dim=1)
-        policy.train()
-    else:
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr)
     stream = data.batch_stream([p.length for p in pairs], BATCH, SEED, cfg.data.group_by_length)
-    step_ends, padding = [], []
-    for _ in range(args.warmup + args.steps):
-        indices = next(stream)
-        batch = layout([pairs[i] for i in indices])
-        padding.append(batch.padding_share if isinstance(batch, data.PackedBatch) else data.padding_share(batch))
-        chosen, rejected = batch_logps(policy, batch, cfg.perf.logps_chunk).halves()
-        if precomputed:
-            ref_chosen, ref_rejected = ref_logps[indices, 0], ref_logps[indices, 1]
+    padding = []
+    for _ in range(steps):
+        chunk = [pairs[i] for i in next(stream)]
+        if perf["packing"] or perf["prefix_sharing"]:
+            padding.append(data.pack(chunk, tokenizer.pad_token_id, prefix_sharing=perf["prefix_sharing"],
+                                     packing=perf["packing"], row_tokens=perf["pack_tokens"]).padding_share)
         else:
-            with torch.no_grad():
-                ref_c, ref_r = batch_logps(reference, batch, cfg.perf.logps_chunk).halves()
-            ref_chosen, ref_rejected = ref_c.logps, ref_r.logps
-        lp = Logps(chosen.logps, rejected.logps, chosen.lengths, rejected.lengths, ref_chosen, ref_rejected)
-        out = loss_fn(lp)
-        (out.losses.sum() / len(indices)).backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            padding.append(data.padding_share(data.collate(chunk, tokenizer.pad_token_id)))
+    lengths = {"prompt_ids": len(pairs[0].prompt_ids), "chosen_ids": len(pairs[0].chosen_ids),
+               "rejected_ids": len(pairs[0].rejected_ids)}
+    del pairs, tokenizer
+    step_ends = []
+    write = sinks.Sinks.write
+
+    def timed_write(self, row):  # log_every=1: train() writes one row right after each optimiser step
         step_ends.append(time.perf_counter())
+        write(self, row)
+
+    sinks.Sinks.write = timed_write
+    torch.manual_seed(SEED)
+    train(cfg)
     return {"step_ends": step_ends, "padding_share": statistics.mean(padding),
-            "first_pair_lengths": {"prompt_ids": len(pairs[0].prompt_ids), "chosen_ids": len(pairs[0].chosen_ids),
-                                   "rejected_ids": len(pairs[0].rejected_ids)}}
+            "first_pair_lengths": lengths}
 
 
 def run_child(arm: str, workload: dict, args: argparse.Namespace, perf: str) -> dict:
+    warmup, steps = MEMORY_ONLY.get(arm, (args.warmup, args.steps))
     cmd = [sys.executable, __file__, "--child", arm, "--size", workload["size"], "--model-dir",
            workload["model_dir"], "--pairs", workload["pairs"],
-           "--warmup", str(args.warmup), "--steps", str(args.steps), "--perf", perf]
+           "--warmup", str(warmup), "--steps", str(steps), "--perf", perf]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
                TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    if arm == "trl_default_mmap":
+        env.update(ALLOCATOR_ENV)
     launched = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     stdout, stderr = proc.communicate()
@@ -237,7 +222,7 @@ def run_child(arm: str, workload: dict, args: argparse.Namespace, perf: str) -> 
     # time.perf_counter is system-wide monotonic on Linux, so the child's clock readings compare to `launched`
     ends = result.pop("step_ends")
     result["first_step_s"] = ends[0] - launched
-    result["step_s"] = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:], strict=False)]
+    result["step_s"] = [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:], strict=False)]
     return result
 
 
@@ -281,7 +266,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--arms", nargs="*", default=["trl_default", "preftune", "trl_best", "preftune_precomp"])
+    parser.add_argument("--arms", nargs="*", default=["trl_default", "preftune", "trl_best", "preftune_precomp",
+                                                      "trl_default_mmap"],
+                        help="trl_default_mmap: TRL defaults under preftune's allocator setting, memory only")
     parser.add_argument("--perf", default="{}", help="JSON overrides of preftune's perf switches for its arms")
     parser.add_argument("--json", default="", help="also write all results to this file")
     # child-process arguments
@@ -347,11 +334,12 @@ def print_table(results: dict) -> None:
     print("ratios preftune / TRL (throughput: tokens/s; memory: peak RSS)")
     for size, arms in results.items():
         for ours in ("preftune", "preftune_precomp"):
-            for theirs in ("trl_default", "trl_best"):
+            for theirs in ("trl_default", "trl_best", "trl_default_mmap"):
                 if ours in arms and theirs in arms:
                     a, b = arms[ours], arms[theirs]
-                    speed = a["tokens_per_s"] / b["tokens_per_s"]
-                    print(f"  {size:5s} {ours:17s} vs {theirs:12s} throughput x{speed:.2f}"
+                    speed = "" if theirs in MEMORY_ONLY else \
+                        f"throughput x{a['tokens_per_s'] / b['tokens_per_s']:.2f}"
+                    print(f"  {size:5s} {ours:17s} vs {theirs:16s} {speed:17s}"
                           f"  memory x{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}")
 
 

@@ -1,6 +1,9 @@
 """Every perf switch computes the plain path's numbers: loss and every parameter's gradient."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from preftune.losses import Logps, dpo
 from preftune.modeling import apply_speedups, byte_tokenizer, load_model
 from preftune.train import train
 
-from .conftest import EXAMPLE_PAIRS, TINY_ARCH, read_metrics
+from .conftest import EXAMPLE_PAIRS, REPO, TINY_ARCH, read_metrics
 
 # fp32 sums over a few hundred tokens in a different order: agreement to ~1e-6 relative is what exactness
 # looks like; a real layout bug (a wrong position id, one leaked token) moves log-probs by 1e-2 or more
@@ -158,17 +161,59 @@ def test_packing_keeps_units_apart_and_cuts_padding():
     assert int((shared.kinds != PAD).sum()) == plain.num_tokens - sum(len(p.prompt_ids) for p in pairs)
 
 
-def test_train_with_every_switch_logs_the_plain_runs_losses(tiny):
-    plain = read_metrics(train(tiny(train={"max_steps": 3, "run_name": "plain"})))
-    fast = read_metrics(train(tiny(train={"max_steps": 3, "run_name": "fast"},
+@pytest.mark.parametrize("mode", ["copy", "precomputed"])
+def test_train_with_every_switch_logs_the_plain_runs_losses(tiny, mode):
+    # the reference runs the fast path too: on every step (copy) or in its one pass before training
+    plain = read_metrics(train(tiny(train={"max_steps": 3, "run_name": "plain"}, reference={"mode": mode})))
+    fast = read_metrics(train(tiny(train={"max_steps": 3, "run_name": "fast"}, reference={"mode": mode},
                                    perf={"prefix_sharing": True, "packing": True, "logps_chunk": 64,
-                                         "gradient_checkpointing": 1})))
+                                         "gradient_checkpointing": 1, "fused_adamw": True})))
     for p, f in zip(plain, fast, strict=True):
         assert abs(p["loss"] - f["loss"]) < 1e-5
         assert abs(p["grad_norm"] - f["grad_norm"]) < 1e-4 * p["grad_norm"]
         assert abs(p["logps/chosen"] - f["logps/chosen"]) < 1e-3
         assert p["tokens_per_s"] > 0 and f["tokens_per_s"] > 0
     assert fast[0]["loss"] != fast[-1]["loss"]  # the policy moved, so later steps compare trained weights
+
+
+def test_fused_adamw_takes_the_plain_adamw_steps():
+    torch.manual_seed(0)
+    plain_params = [torch.randn(37, 5, requires_grad=True), torch.randn(11, requires_grad=True)]
+    fused_params = [p.detach().clone().requires_grad_(True) for p in plain_params]
+    settings = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    plain = torch.optim.AdamW(plain_params, foreach=False, **settings)
+    fused = torch.optim.AdamW(fused_params, fused=True, **settings)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in plain_params]
+        for params, opt in ((plain_params, plain), (fused_params, fused)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for p, f in zip(plain_params, fused_params, strict=True):
+        assert torch.allclose(p, f, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p, p.detach().clone().zero_())  # the weights moved
+
+
+def test_mmap_threshold_hands_freed_tensors_back_to_the_os():
+    # in a child process: the threshold is process-wide and would follow every later test in this one
+    script = """
+import sys, torch
+from preftune.allocator import set_mmap_threshold
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+assert set_mmap_threshold(1024)
+base = rss_mb()
+for _ in range(3):
+    blocks = [torch.ones(3 * 2**18) for _ in range(100)]  # 100 x 3 MiB, touched
+    held = rss_mb() - base
+    del blocks
+    freed = rss_mb() - base
+    assert held > 250 and freed < 30, (held, freed)
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_perf_config_rejects_negative_sizes(tiny):

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune import checkpoint, data, guard, heldout, lora, sft, sinks
+from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sinks
 from preftune.config import Config, OptimConfig
 from preftune.logps import batch_logps, sequence_logps
 from preftune.losses import RunningMean, UnpairedLogps, bind, pair_logps
@@ -61,6 +61,8 @@ def train(cfg: Config) -> Path:
     sinks.check_available(cfg)  # on every rank, before anything is written: a missing package stops all of them
     run_dir, resume_from = checkpoint.prepare_run_dir(cfg, accelerator)
     say = accelerator.print
+    if cfg.perf.mmap_threshold_kb and not allocator.set_mmap_threshold(cfg.perf.mmap_threshold_kb):
+        say("perf.mmap_threshold_kb: this C library has no glibc mallopt; the allocator is left as it is")
 
     # --- data ---
     tokenizer = load_tokenizer(cfg.model)
@@ -102,7 +104,7 @@ def train(cfg: Config) -> Path:
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
         betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), eps=cfg.optim.adam_eps,
-        weight_decay=cfg.optim.weight_decay)
+        weight_decay=cfg.optim.weight_decay, fused=cfg.perf.fused_adamw or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.optim))
     policy, optimizer = accelerator.prepare(policy, optimizer)
