@@ -92,14 +92,26 @@ def test_kto_trains_on_unpaired_data(tiny):
 
 def spy_on_forwards(monkeypatch) -> list[tuple[int, dict]]:
     calls: list[tuple[int, dict]] = []
-    real = train_module.sequence_logps
 
-    def spy(model, batch, *args, **kwargs):
+    def spy_on(name: str) -> None:
+        real = getattr(train_module, name)
+
+        def spy(model, batch, *args, **kwargs):
+            calls.append((id(model), kwargs))
+            return real(model, batch, *args, **kwargs)
+
+        monkeypatch.setattr(train_module, name, spy)
+
+    # the paired path goes through batch_logps (which picks the perf.* layout), KTO's through sequence_logps
+    spy_on("sequence_logps")
+    spy_on("batch_logps")
+    spy_on_module = reference_module.sequence_logps  # the reference's forwards run in reference.py
+
+    def reference_spy(model, batch, *args, **kwargs):
         calls.append((id(model), kwargs))
-        return real(model, batch, *args, **kwargs)
+        return spy_on_module(model, batch, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "sequence_logps", spy)
-    monkeypatch.setattr(reference_module, "sequence_logps", spy)  # the reference's forwards run there
+    monkeypatch.setattr(reference_module, "sequence_logps", reference_spy)
     return calls
 
 

@@ -278,6 +278,38 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class PerfConfig:
+    """Speed and memory switches. Each one changes how the numbers are computed, never which numbers: every
+    combination gives the plain path's loss and gradients (tests/test_perf_paths.py)."""
+
+    prefix_sharing: bool = False
+    """Encode each prompt once: a row holds prompt, chosen, rejected, and a block mask stops the rejected
+    tokens from seeing the chosen ones (Wang et al. 2024, arXiv:2410.20305). Saves the prompt's second pass."""
+    packing: bool = False
+    """Padding-free packing: several sequences (or prefix-shared pairs) share one row, kept apart by a
+    per-sequence attention mask and position ids that restart at 0 for each sequence."""
+    pack_tokens: int = 0
+    """Row length when packing; 0 = the longest sequence (or pair) of the batch, so attention never spans
+    more than the unpacked rows would."""
+    logps_chunk: int = 0
+    """> 0: run the LM head and float32 log-softmax on response tokens only, this many tokens at a time,
+    recomputing each chunk in backward; the (2B, T, V) logits never exist. 0: the plain full-logits path."""
+    gradient_checkpointing: int = 0
+    """Recompute decoder layers' activations in backward instead of keeping them: 1 = every layer (about 1/3
+    more compute, far less memory), n = every n-th layer (a middle ground), 0 = off."""
+    compile: bool = False
+    """torch.compile each decoder layer (dynamic shapes). Pays only on long runs: compiling takes minutes."""
+    fused_adamw: bool = False
+    """AdamW as one fused kernel per step (torch's fused=True) instead of a for-each over lists of tensors:
+    the same update up to float rounding, without the for-each path's temporary copies of the moments."""
+    mmap_threshold_kb: int = 0
+    """Linux/glibc only: blocks of at least this many KiB are mapped on their own and go back to the OS the
+    moment they are freed (mallopt M_MMAP_THRESHOLD). Without it, glibc raises the threshold as tensors are
+    freed and keeps freed activation memory in its heap, so peak RSS grows by a third or more. Costs some
+    page-fault time per step. 0 = leave the allocator alone; 1024 is a good value."""
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
@@ -286,6 +318,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -558,6 +591,9 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(getattr(cfg, section), name)}")
+    for name in ("pack_tokens", "logps_chunk", "gradient_checkpointing", "mmap_threshold_kb"):
+        if getattr(cfg.perf, name) < 0:
+            raise ConfigError(f"perf.{name}: must be >= 0 (0 = automatic / off), got {getattr(cfg.perf, name)}")
     if cfg.train.max_steps < 0 or cfg.optim.warmup_steps < 0 or cfg.train.save_every < 0:
         raise ConfigError("train.max_steps, train.save_every and optim.warmup_steps must be >= 0")
     if not cfg.train.resume:

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from preftune.config import ModelConfig
+from preftune.config import ModelConfig, PerfConfig
+from preftune.logps import use_unit_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,3 +79,27 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> torch.nn.Module:
                          f"{model.config.vocab_size}")
     model.config.use_cache = False  # training never reuses the KV cache; keeping it costs memory
     return model.train()
+
+
+
+def apply_speedups(model: torch.nn.Module, perf: PerfConfig, trainable: bool = True) -> torch.nn.Module:
+    """The perf switches that live on the model, in place. None changes the numbers: recomputation repeats
+    the same ops, unit attention is tested against the plain path, compiled layers against eager ones."""
+    if perf.packing:
+        use_unit_attention(model)  # a packed row attends unit by unit instead of through a (L, L) mask
+    if perf.gradient_checkpointing and trainable:
+        # non-reentrant: works with frozen inputs and keyword arguments such as the packed units
+        model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=perf.gradient_checkpointing)
+    if perf.compile:
+        # per decoder layer, not the whole model: one small graph reused by every layer, dynamic lengths
+        layer_types = set(getattr(model, "_no_split_modules", None) or [])
+        layers = [m for m in model.modules() if type(m).__name__ in layer_types]
+        if not layers:
+            raise ValueError(f"perf.compile: found no decoder layers ({sorted(layer_types)}) in "
+                             f"{type(model).__name__}")
+        for layer in layers:
+            layer.compile(dynamic=True, backend=COMPILE_BACKEND)
+    return model
+
+
+COMPILE_BACKEND = "inductor"  # tests swap in aot_eager: same graph capture, seconds instead of minutes on CPU

@@ -33,10 +33,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from preftune import data
-from preftune.config import Config, reference_mode
+from preftune.config import Config, PerfConfig, reference_mode
 from preftune.data import Batch, TokenizedPair
-from preftune.logps import SequenceLogps, sequence_logps
-from preftune.modeling import load_model
+from preftune.logps import SequenceLogps, batch_logps
+from preftune.modeling import apply_speedups, load_model
 
 CACHE_FORMAT = 1  # bump when the meaning of a cached number changes
 
@@ -61,6 +61,7 @@ class Reference:
         self.cache_file: Path | None = None
         self.cache_hit = False
         self._peft: torch.nn.Module | None = None  # adapters_off: the unwrapped peft model that owns the switch
+        self.logps_chunk = 0  # perf.logps_chunk, set by prepare
         self._identity = ""  # precomputed: the reference weights' digest, part of the cache key
 
     @classmethod
@@ -86,6 +87,7 @@ class Reference:
                 pairs: list[TokenizedPair]) -> Reference:
         """Place the reference beside the prepared policy; for precomputed, fill the table from the cache or
         one no-grad pass over `pairs` (the policy's starting weights, or reference.path) and free that model."""
+        self.logps_chunk = cfg.perf.logps_chunk
         if self.model is not None:
             self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
         elif self.mode == "adapters_off":
@@ -115,7 +117,11 @@ class Reference:
                 raise KeyError(f"pairs {missing[:3]} have no precomputed reference log-probs; precompute "
                                "over every split you score (the policy is never a stand-in)") from None
             logps = rows.T.reshape(-1).to(batch.input_ids.device)  # (2B,): chosen rows, then rejected rows
-            lengths = (batch.labels[:, 1:] != data.IGNORE).sum(-1).float()  # (2B,)
+            # response lengths from the pairs themselves: the same count as a plain batch's labels, and
+            # independent of the layout (a packed batch (perf.packing) has no per-row labels)
+            lengths = torch.tensor([float(len(p.chosen_ids)) for p in batch_pairs]
+                                   + [float(len(p.rejected_ids)) for p in batch_pairs],
+                                   device=batch.input_ids.device)  # (2B,)
             return SequenceLogps(logps, lengths, torch.zeros_like(logps))  # logits: not kept, not needed
         # adapters_off runs the training policy: eval mode so dropout can't touch the reference
         was_training = self.model.training
@@ -123,7 +129,10 @@ class Reference:
         self.model.eval()
         try:
             with torch.no_grad(), switch:
-                return sequence_logps(self.model, batch, with_tokens=with_tokens)
+                # the policy's path and perf layout (packed, prefix-shared, chunked LM head); per-token
+                # views only exist on the plain path, which batch_logps takes for them
+                return batch_logps(self.model, batch, 0 if with_tokens else self.logps_chunk,
+                                   with_tokens=with_tokens)
         finally:
             self.model.train(was_training)
 
@@ -150,9 +159,11 @@ class Reference:
         if table is None:
             model = policy
             if cfg.reference.path:
-                model = accelerator.prepare_model(
-                    load_reference_model(cfg, tokenizer).eval().requires_grad_(False), evaluation_mode=True)
-            table = precompute_logps(model, pairs, tokenizer.pad_token_id, cfg.train.batch_size, accelerator)
+                # the training layout needs the same attention as the policy (packed units never mix)
+                loaded = apply_speedups(load_reference_model(cfg, tokenizer), cfg.perf, trainable=False)
+                model = accelerator.prepare_model(loaded.eval().requires_grad_(False), evaluation_mode=True)
+            table = precompute_logps(model, pairs, tokenizer.pad_token_id, cfg.train.batch_size, accelerator,
+                                     cfg.perf)
             if model is not policy:
                 # the loaded reference goes now: Accelerate's registry would otherwise keep it alive all run
                 accelerator._models = [m for m in accelerator._models if m is not model]
@@ -198,12 +209,15 @@ def load_reference_model(cfg: Config, tokenizer) -> torch.nn.Module:
 
 @torch.no_grad()
 def precompute_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
-                     accelerator: Accelerator) -> Tensor:
+                     accelerator: Accelerator, perf: PerfConfig | None = None) -> Tensor:
     """(N, 2) reference logps of (chosen, rejected) for every pair, from one no-grad pass.
 
     Process r scores pairs r, r + W, r + 2W, ...; every process runs the same number of forwards (shares are
     padded by repeating a pair) because under FSDP each forward is a collective. One gather at the end.
+    `perf` picks the layout and LM-head path as in training: with logps_chunk the (2B, T, V) logits of this
+    pass never exist either (at 110M and batch 8 they would be 1 GB, twice: logits and log-softmax).
     """
+    perf = perf or PerfConfig()
     world, rank = accelerator.num_processes, accelerator.process_index
     per_rank = math.ceil(len(pairs) / world)
     share = list(range(rank, len(pairs), world))
@@ -213,8 +227,13 @@ def precompute_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id:
     local = torch.zeros(per_rank, 2, device=accelerator.device)  # (per_rank, 2)
     for start in range(0, per_rank, batch_size):
         rows = share[start:start + batch_size]
-        batch = data.collate([pairs[i] for i in rows], pad_id).to(accelerator.device)
-        chosen, rejected = sequence_logps(model, batch).halves()
+        chunk = [pairs[i] for i in rows]
+        if perf.prefix_sharing or perf.packing:
+            batch = data.pack(chunk, pad_id, prefix_sharing=perf.prefix_sharing, packing=perf.packing,
+                              row_tokens=perf.pack_tokens)
+        else:
+            batch = data.collate(chunk, pad_id)
+        chosen, rejected = batch_logps(model, batch.to(accelerator.device), perf.logps_chunk).halves()
         local[start:start + len(rows)] = torch.stack([chosen.logps, rejected.logps], dim=1).float()
     model.train(was_training)
     gathered = accelerator.gather(local).cpu()  # (world * per_rank, 2), rank-major

@@ -19,11 +19,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune import checkpoint, data, guard, heldout, lora, sft, sinks
+from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sinks
 from preftune.config import Config, OptimConfig
-from preftune.logps import sequence_logps
+from preftune.logps import batch_logps, sequence_logps
 from preftune.losses import RunningMean, UnpairedLogps, bind, pair_logps
-from preftune.modeling import load_model, load_tokenizer
+from preftune.modeling import apply_speedups, load_model, load_tokenizer
 from preftune.reference import Reference
 
 # metrics that are means over the step's examples, each summed with its own count (KTO's chosen and rejected
@@ -61,6 +61,8 @@ def train(cfg: Config) -> Path:
     sinks.check_available(cfg)  # on every rank, before anything is written: a missing package stops all of them
     run_dir, resume_from = checkpoint.prepare_run_dir(cfg, accelerator)
     say = accelerator.print
+    if cfg.perf.mmap_threshold_kb and not allocator.set_mmap_threshold(cfg.perf.mmap_threshold_kb):
+        say("perf.mmap_threshold_kb: this C library has no glibc mallopt; the allocator is left as it is")
 
     # --- data ---
     tokenizer = load_tokenizer(cfg.model)
@@ -84,6 +86,16 @@ def train(cfg: Config) -> Path:
         policy = lora.wrap(policy, cfg.lora, cfg.model.adapter_path)
     # before Accelerate wraps the policy, so a copy is of the bare module; mode none builds nothing
     reference = Reference.build(cfg, policy, tokenizer)
+    if reference.model is not None and reference.model is not policy:
+        apply_speedups(reference.model, cfg.perf, trainable=False)
+    apply_speedups(policy, cfg.perf)
+    fast_layout = cfg.perf.packing or cfg.perf.prefix_sharing
+    if (fast_layout or cfg.perf.logps_chunk) and (loss_fn.unpaired or loss_fn.needs_token_logps
+                                                   or loss_fn.needs_sq_mass):
+        # those paths produce sequence sums only; refuse rather than run the plain path behind the user's back
+        raise ValueError(f"perf.packing, perf.prefix_sharing and perf.logps_chunk give per-sequence sums, but loss "
+                         f"{cfg.loss.name!r} (with its modifiers) needs unpaired rows or per-token log-probs; "
+                         "turn those switches off for this loss")
 
     # --- optimiser and schedule ---
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -92,7 +104,7 @@ def train(cfg: Config) -> Path:
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
         betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), eps=cfg.optim.adam_eps,
-        weight_decay=cfg.optim.weight_decay)
+        weight_decay=cfg.optim.weight_decay, fused=cfg.perf.fused_adamw or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.optim))
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -177,10 +189,15 @@ def train(cfg: Config) -> Path:
                                                       policy_rows.rows(~unpaired.desirable))
                 else:
                     batch_pairs = [pairs[j] for j in local]
-                    batch = data.collate(batch_pairs, pad_id).to(accelerator.device)
+                    if fast_layout:
+                        batch = data.pack(batch_pairs, pad_id, prefix_sharing=cfg.perf.prefix_sharing,
+                                          packing=cfg.perf.packing, row_tokens=cfg.perf.pack_tokens)
+                    else:
+                        batch = data.collate(batch_pairs, pad_id)
+                    batch = batch.to(accelerator.device)
                     tokens = dict(with_tokens=loss_fn.needs_token_logps)
-                    policy_chosen, policy_rejected = sequence_logps(
-                        policy, batch, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()
+                    policy_chosen, policy_rejected = batch_logps(
+                        policy, batch, cfg.perf.logps_chunk, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()
                     ref_rows = reference.scores(batch, batch_pairs, **tokens)  # (2B,) rows; None: no reference
                     ref_chosen, ref_rejected = ref_rows.halves() if ref_rows is not None else (None, None)
                     lp = pair_logps(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
@@ -197,7 +214,7 @@ def train(cfg: Config) -> Path:
             with torch.no_grad():
                 sums += torch.stack([v.detach().float().sum() for v in values]
                                     + [torch.tensor(float(v.numel()), device=accelerator.device) for v in values]
-                                    + [batch.attention_mask.sum().float()])
+                                    + [torch.tensor(float(batch.num_tokens), device=accelerator.device)])
 
         # --- optimiser step: never with a non-finite loss or gradient (a skipped step still moves the
         # schedule and the data on, so the run stays a function of the step counter) ---

@@ -63,6 +63,11 @@ class Batch:
     def num_pairs(self) -> int:
         return len(self.sources)
 
+    @property
+    def num_tokens(self) -> int:
+        """Non-pad tokens (what tokens/s counts, whatever layout computes them)."""
+        return int(self.attention_mask.sum())
+
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
                      self.sources)
