@@ -86,8 +86,10 @@ class DataConfig:
     shape: str = "auto"
     """Record shape: auto (from the first record's keys), pairs (prompt/chosen/rejected), implicit (chosen and
     rejected only; their shared start is the prompt), hh (Anthropic HH text), scored (response_a/response_b
-    with score_a/score_b) or unpaired (prompt/completion/label, for KTO). Any text may instead be a list of
-    {role, content} messages, rendered with the tokenizer's chat template."""
+    with score_a/score_b), unpaired (prompt/completion/label, for KTO), tldr_comparisons (OpenAI
+    summarize-from-feedback comparisons: info/summaries/choice); for SFT also completion (prompt/completion)
+    and tldr (a Reddit TL;DR post: subreddit/title/post/summary). Any text may instead be a list of {role,
+    content} messages, rendered with the tokenizer's chat template."""
     fields: dict[str, str] = field(default_factory=dict)
     """Column renames, canonical name -> column in the data, e.g. {prompt: question, chosen: response_j,
     rejected: response_k}, so other datasets' columns need no preprocessing."""
@@ -95,6 +97,11 @@ class DataConfig:
     """Split of a HF dataset (directory or hub) to read for `train`."""
     eval_split: str = "test"
     """Split of a HF dataset to read for `eval`."""
+    subset: str = ""
+    """Configuration (subset) of a hub dataset with several, read for `train`, e.g. comparisons for
+    openai/summarize_from_feedback; empty = the dataset's only one."""
+    eval_subset: str = ""
+    """Configuration (subset) of a hub dataset with several, read for `eval`."""
     eval_fraction: float = 0.0
     """Hold out this fraction of the training records for evaluation when `eval` is empty (0 = none). A
     record's side is fixed by a hash of its content, so duplicates never straddle train and eval."""
@@ -498,7 +505,6 @@ def replace(cfg: Config, key: str, value: Any) -> Config:
 
 
 _DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "datasets")
-_DATA_SHAPES = ("auto", "pairs", "implicit", "hh", "scored", "unpaired")
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
@@ -515,9 +521,9 @@ _CHOICES = {
 
 def validate_data(data: DataConfig) -> None:
     """The data section's value checks (also run alone by `preftune data check`)."""
-    from preftune.data.records import CANONICAL_FIELDS  # late: keeps config importable on its own
+    from preftune.data.records import CANONICAL_FIELDS, SHAPES  # late: keeps config importable on its own
 
-    for name, choices in (("format", _DATA_FORMATS), ("shape", _DATA_SHAPES),
+    for name, choices in (("format", _DATA_FORMATS), ("shape", SHAPES),
                           ("prompt_truncation", ("keep_end", "keep_start"))):
         if getattr(data, name) not in choices:
             raise ConfigError(f"data.{name}: {getattr(data, name)!r} is not one of {list(choices)}")
