@@ -160,10 +160,13 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    name: str = "adamw"
+    """Optimiser: adamw, or rmsprop (the DPO paper's, with torch's defaults alpha 0.99 and eps 1e-8, as the DPO
+    reference code builds it)."""
     lr: float = 1e-6
     """Peak learning rate (the DPO paper uses 1e-6 with batch 64)."""
     weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
+    """AdamW decoupled weight decay (rmsprop takes none)."""
     adam_beta1: float = 0.9
     """AdamW first-moment decay."""
     adam_beta2: float = 0.999
@@ -508,6 +511,7 @@ _DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "datasets")
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
+    "optim.name": ("adamw", "rmsprop"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.stage": ("preference", "sft"),
@@ -564,6 +568,9 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(getattr(cfg, section), name)}")
+    if cfg.optim.name == "rmsprop" and cfg.optim.weight_decay:
+        raise ConfigError(f"optim.weight_decay={cfg.optim.weight_decay}: decoupled weight decay is AdamW's; "
+                          "optim.name=rmsprop (the DPO paper's) takes none")
     if cfg.train.max_steps < 0 or cfg.optim.warmup_steps < 0 or cfg.train.save_every < 0:
         raise ConfigError("train.max_steps, train.save_every and optim.warmup_steps must be >= 0")
     if not cfg.train.resume:
