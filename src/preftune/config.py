@@ -235,6 +235,13 @@ class EvalConfig:
     """Longest sampled completion in tokens."""
     temperature: float = 1.0
     """Sampling temperature; 0 = greedy. KL is only an unbiased estimate at 1.0 with top_p 1.0."""
+    temperatures: list[float] = field(default_factory=list)
+    """Win rate at each of these sampling temperatures (the DPO paper's win-rate-vs-temperature curves), e.g.
+    [0.25, 0.5, 0.75, 1.0]; empty = at `temperature` only. KL is always estimated at `temperature`."""
+    baseline: str = "reference"
+    """What the judge compares the policy's samples with: reference (the reference model's samples of the same
+    prompts) or dataset (each held-out prompt's reference response from the data: the preferred response of a
+    pair, a TL;DR post's human-written summary; as the DPO paper's TL;DR and Anthropic HH win rates)."""
     top_p: float = 1.0
     """Nucleus sampling mass; 1.0 samples from the full distribution."""
     seed: int = 0
@@ -520,6 +527,7 @@ _CHOICES = {
     "loss.divergence": ("reverse_kl", "forward_kl", "js", "alpha"),
     "loss.ref_sync": ("none", "soft", "hard"),
     "log.wandb_mode": ("online", "offline", "disabled"),
+    "eval.baseline": ("reference", "dataset"),
 }
 
 
@@ -579,6 +587,9 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(getattr(cfg, section), name)}")
+    for t in cfg.eval.temperatures:
+        if t < 0:
+            raise ConfigError(f"eval.temperatures: each must be >= 0 (0 = greedy), got {t}")
     if not 0 < cfg.eval.top_p <= 1 or not 0 < cfg.eval.level < 1:
         raise ConfigError(f"eval.top_p must be in (0, 1] and eval.level in (0, 1); got {cfg.eval.top_p}, "
                           f"{cfg.eval.level}")
