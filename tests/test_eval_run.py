@@ -258,3 +258,10 @@ def test_win_rate_against_the_datas_responses_at_each_temperature(run, tmp_path)
     for t in ("0", "0.5", "1"):
         assert f"win rate over dataset responses at T={t} (length)" in page
     assert "<th>T</th>" in page
+
+
+def test_sft_shaped_held_out_data_needs_sampling(run, capsys):
+    _, run_dir = run
+    data = REPO / "tests" / "fixtures" / "tldr_filtered_test.jsonl"
+    assert cli.main(["eval", str(run_dir), "--data", str(data), "--quiet", "eval.prompts=0"]) == 2
+    assert "holds one response per prompt (no pairs to score), and eval.prompts=0" in capsys.readouterr().err

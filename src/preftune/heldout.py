@@ -321,6 +321,9 @@ def evaluate_target(target: Target, data_path: str | Path, ev: config.EvalConfig
         result.update(pairs=len(pairs), skipped=len(report.skipped), metrics=summarise(per_pair, **ci))
     rows: list[dict] = []
     if ev.prompts == 0:
+        if not paired:
+            raise ValueError(f"{data_path} holds one response per prompt (no pairs to score), and eval.prompts=0 "
+                             "samples nothing to judge against them")
         return result, rows
     # --- prompts, and what the policy is judged against ---
     references: list[str] = []
