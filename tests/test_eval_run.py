@@ -216,3 +216,52 @@ def test_report_of_a_sampling_only_evaluation(tmp_path):
     page = write_report(tmp_path).read_text()
     assert page.count("data:image/png;base64,") == 2  # loss and KL: only what was logged is drawn
     assert "win rate over reference (sentiment)" in page and "<th>policy score</th>" in page
+
+
+def test_win_rate_against_the_datas_responses_at_each_temperature(run, tmp_path):
+    _, run_dir = run
+    out = tmp_path / "e.json"
+    common = ["eval", str(run_dir), "--data", str(EXAMPLE_PAIRS), "--quiet", "judge.name=length", "eval.n_boot=100",
+              "eval.baseline=dataset", "eval.prompts=4"]
+    assert cli.main([*common, "--out", str(out), "eval.temperatures=[0, 0.5, 1.0]"]) == 0
+    result = json.loads(out.read_text())
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert "win_rate" not in result and [w["temperature"] for w in result["win_rates"]] == [0.0, 0.5, 1.0]
+    assert {w["baseline"] for w in result["win_rates"]} == {"dataset"} and result["kl"]["samples"] == 4
+    assert len(rows) == 12 and [r["temperature"] for r in rows] == [0.0] * 4 + [0.5] * 4 + [1.0] * 4
+    # the baseline is each prompt's preferred response, from the file itself
+    chosen = {}
+    for line in EXAMPLE_PAIRS.read_text().splitlines():
+        pair = json.loads(line)
+        chosen.setdefault(pair["prompt"], pair["chosen"])
+    for row in rows:
+        assert row["reference"] == chosen[row["prompt"].removeprefix("<bos>")]
+        assert (row["policy_score"], row["reference_score"]) == (len(row["policy"]), len(row["reference"]))
+    for win in result["win_rates"]:
+        these = [r for r in rows if r["temperature"] == win["temperature"]]
+        wins = [(r["policy_score"] > r["reference_score"]) + 0.5 * (r["policy_score"] == r["reference_score"])
+                for r in these]
+        assert win["mean"] == pytest.approx(sum(wins) / len(wins)) and win["prompts"] == 4
+    # same seed: the sweep's samples at 1.0 are those of an evaluation at eval.temperature=1.0 alone
+    single = tmp_path / "single.json"
+    assert cli.main([*common, "--out", str(single)]) == 0
+    alone = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["policy"] for r in alone] == [r["policy"] for r in rows[8:]] and "temperature" not in alone[0]
+    assert json.loads(single.read_text())["win_rate"]["mean"] == result["win_rates"][2]["mean"]
+    # the report shows one win rate per temperature, and each sample's temperature
+    report_dir = tmp_path / "report"
+    report_dir.mkdir()
+    (report_dir / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    (report_dir / "eval.json").write_text(out.read_text())
+    (report_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = write_report(report_dir).read_text()
+    for t in ("0", "0.5", "1"):
+        assert f"win rate over dataset responses at T={t} (length)" in page
+    assert "<th>T</th>" in page
+
+
+def test_sft_shaped_held_out_data_needs_sampling(run, capsys):
+    _, run_dir = run
+    data = REPO / "tests" / "fixtures" / "tldr_filtered_test.jsonl"
+    assert cli.main(["eval", str(run_dir), "--data", str(data), "--quiet", "eval.prompts=0"]) == 2
+    assert "holds one response per prompt (no pairs to score), and eval.prompts=0" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """SFT: same tokenisation as the preference pipeline, one row per example, and training lowers the NLL of the
 training completions; its export is the start of a DPO run."""
 
+import dataclasses
 import json
 
 import pytest
@@ -52,10 +53,17 @@ def test_sft_reads_preference_and_completion_records_alike(tiny, tmp_path):
     assert torch.equal(batch.labels, paired.labels[:4, :width])
     assert (batch.labels[:, :len(from_pairs[0].prompt_ids)] == IGNORE).all()
 
+    # read through the data package's adapters: a located error, as for preference data
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "answer": "x"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'chosen'"):
+    with pytest.raises(DataError, match=r"bad.jsonl:1: can't tell the data shape from the keys \['answer', 'prompt'\]"):
         sft.load_examples(bad, tokenizer, cfg.data)
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "rejected": "b"}\n'
+                   '{"prompt": "r", "chosen": "only the chosen side is read"}\n')
+    with pytest.raises(DataError, match=r"1 invalid record\(s\) of 3: \S*bad.jsonl:2: chosen: missing"):
+        sft.load_examples(bad, tokenizer, cfg.data)
+    examples, report = sft.load_examples(bad, tokenizer, dataclasses.replace(cfg.data, skip_invalid=True))
+    assert [e.source.rsplit(":", 1)[1] for e in examples] == ["1", "3"] and report.invalid == 1
 
 
 def test_sft_lowers_the_nll_of_the_training_completions_and_feeds_dpo(tiny, tmp_path):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,3 +68,27 @@ def test_loss_and_lr_rows_follow_the_schedule(tiny):
     run_dir = train(tiny(train={"max_steps": 4}, optim={"lr": 1e-3, "warmup_steps": 3}))
     lrs = [r["lr"] for r in read_metrics(run_dir)]
     assert lrs == [1e-3 * f for f in (0.25, 0.5, 0.75, 1.0)]
+
+
+def _first_step_moves(tiny, **optim) -> torch.Tensor:
+    """|change| of every weight after one optimiser step with no warm-up."""
+    cfg = tiny(optim={"lr": 1e-3, "warmup_steps": 0, **optim}, train={"max_steps": 1, "run_name": optim["name"]})
+    start = load_model(cfg.model, load_tokenizer(cfg.model), seed=cfg.train.seed)
+    trained = AutoModelForCausalLM.from_pretrained(train(cfg) / "final")
+    return torch.cat([(a - b).abs().flatten().detach() for a, b in zip(trained.parameters(), start.parameters(),
+                                                                          strict=True)])
+
+
+def test_rmsprop_is_the_papers_optimiser_with_torchs_defaults(tiny):
+    # step 1 by hand: RMSprop's v = (1 - alpha) g^2 = 0.01 g^2, so the step is lr * g / (0.1 |g| + eps), i.e.
+    # 10 lr for every weight with a gradient; AdamW's bias-corrected first step is lr * g / (|g| + eps) = lr
+    rmsprop, adamw = _first_step_moves(tiny, name="rmsprop"), _first_step_moves(tiny, name="adamw")
+    lr = 1e-3
+    moved = rmsprop[rmsprop > 0]
+    assert len(moved) > 0.5 * len(rmsprop)  # most weights get a gradient (untouched token embeddings don't)
+    assert moved.max() <= 10 * lr * (1 + 1e-4) and moved.median() == pytest.approx(10 * lr, rel=1e-3)
+    assert adamw.max() <= lr * (1 + 1e-4) and adamw[adamw > 0].median() == pytest.approx(lr, rel=1e-3)
+    with pytest.raises(config.ConfigError, match="optim.weight_decay=0.1: decoupled weight decay is AdamW's"):
+        tiny(optim={"name": "rmsprop", "weight_decay": 0.1})
+    with pytest.raises(config.ConfigError, match=r"optim.name: 'sgd' is not one of \['adamw', 'rmsprop'\]"):
+        tiny(optim={"name": "sgd"})

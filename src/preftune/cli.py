@@ -212,9 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Preference accuracy, reward margins, implicit rewards and log-probs of the "
                        "policy against its reference on held-out pairs, with bootstrap intervals, as JSON. With "
                        "eval.prompts > 0 (default 64) it also samples both models for KL(policy || reference), "
-                       "and with judge.name set, the policy's win rate. Writes <run>/eval.json and "
-                       "<run>/samples.jsonl.\n\nexample:\n  preftune eval runs/tiny --data heldout.jsonl "
-                       "judge.name=length eval.prompts=32",
+                       "and with judge.name set, the policy's win rate: over the reference model's samples, or "
+                       "with eval.baseline=dataset over the data's own responses; eval.temperatures=[...] gives "
+                       "one per temperature. Writes <run>/eval.json and <run>/samples.jsonl.\n\nexample:\n"
+                       "  preftune eval runs/tiny --data heldout.jsonl judge.name=length eval.prompts=32",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="run directory (reference rebuilt from its config.yaml) or HF model directory")
     p.add_argument("--data", help="held-out preference source, any format train reads (default: the run's "

@@ -86,8 +86,10 @@ class DataConfig:
     shape: str = "auto"
     """Record shape: auto (from the first record's keys), pairs (prompt/chosen/rejected), implicit (chosen and
     rejected only; their shared start is the prompt), hh (Anthropic HH text), scored (response_a/response_b
-    with score_a/score_b) or unpaired (prompt/completion/label, for KTO). Any text may instead be a list of
-    {role, content} messages, rendered with the tokenizer's chat template."""
+    with score_a/score_b), unpaired (prompt/completion/label, for KTO), tldr_comparisons (OpenAI
+    summarize-from-feedback comparisons: info/summaries/choice); for SFT also completion (prompt/completion)
+    and tldr (a Reddit TL;DR post: subreddit/title/post/summary). Any text may instead be a list of {role,
+    content} messages, rendered with the tokenizer's chat template."""
     fields: dict[str, str] = field(default_factory=dict)
     """Column renames, canonical name -> column in the data, e.g. {prompt: question, chosen: response_j,
     rejected: response_k}, so other datasets' columns need no preprocessing."""
@@ -95,6 +97,11 @@ class DataConfig:
     """Split of a HF dataset (directory or hub) to read for `train`."""
     eval_split: str = "test"
     """Split of a HF dataset to read for `eval`."""
+    subset: str = ""
+    """Configuration (subset) of a hub dataset with several, read for `train`, e.g. comparisons for
+    openai/summarize_from_feedback; empty = the dataset's only one."""
+    eval_subset: str = ""
+    """Configuration (subset) of a hub dataset with several, read for `eval`."""
     eval_fraction: float = 0.0
     """Hold out this fraction of the training records for evaluation when `eval` is empty (0 = none). A
     record's side is fixed by a hash of its content, so duplicates never straddle train and eval."""
@@ -153,10 +160,13 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    name: str = "adamw"
+    """Optimiser: adamw, or rmsprop (the DPO paper's, with torch's defaults alpha 0.99 and eps 1e-8, as the DPO
+    reference code builds it)."""
     lr: float = 1e-6
     """Peak learning rate (the DPO paper uses 1e-6 with batch 64)."""
     weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
+    """AdamW decoupled weight decay (rmsprop takes none)."""
     adam_beta1: float = 0.9
     """AdamW first-moment decay."""
     adam_beta2: float = 0.999
@@ -225,6 +235,13 @@ class EvalConfig:
     """Longest sampled completion in tokens."""
     temperature: float = 1.0
     """Sampling temperature; 0 = greedy. KL is only an unbiased estimate at 1.0 with top_p 1.0."""
+    temperatures: list[float] = field(default_factory=list)
+    """Win rate at each of these sampling temperatures (the DPO paper's win-rate-vs-temperature curves), e.g.
+    [0.25, 0.5, 0.75, 1.0]; empty = at `temperature` only. KL is always estimated at `temperature`."""
+    baseline: str = "reference"
+    """What the judge compares the policy's samples with: reference (the reference model's samples of the same
+    prompts) or dataset (each held-out prompt's reference response from the data: the preferred response of a
+    pair, a TL;DR post's human-written summary; as the DPO paper's TL;DR and Anthropic HH win rates)."""
     top_p: float = 1.0
     """Nucleus sampling mass; 1.0 samples from the full distribution."""
     seed: int = 0
@@ -531,10 +548,10 @@ def replace(cfg: Config, key: str, value: Any) -> Config:
 
 
 _DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "datasets")
-_DATA_SHAPES = ("auto", "pairs", "implicit", "hh", "scored", "unpaired")
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
+    "optim.name": ("adamw", "rmsprop"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.stage": ("preference", "sft"),
@@ -543,14 +560,15 @@ _CHOICES = {
     "loss.divergence": ("reverse_kl", "forward_kl", "js", "alpha"),
     "loss.ref_sync": ("none", "soft", "hard"),
     "log.wandb_mode": ("online", "offline", "disabled"),
+    "eval.baseline": ("reference", "dataset"),
 }
 
 
 def validate_data(data: DataConfig) -> None:
     """The data section's value checks (also run alone by `preftune data check`)."""
-    from preftune.data.records import CANONICAL_FIELDS  # late: keeps config importable on its own
+    from preftune.data.records import CANONICAL_FIELDS, SHAPES  # late: keeps config importable on its own
 
-    for name, choices in (("format", _DATA_FORMATS), ("shape", _DATA_SHAPES),
+    for name, choices in (("format", _DATA_FORMATS), ("shape", SHAPES),
                           ("prompt_truncation", ("keep_end", "keep_start"))):
         if getattr(data, name) not in choices:
             raise ConfigError(f"data.{name}: {getattr(data, name)!r} is not one of {list(choices)}")
@@ -594,6 +612,11 @@ def validate(cfg: Config) -> None:
     for name in ("pack_tokens", "logps_chunk", "gradient_checkpointing", "mmap_threshold_kb"):
         if getattr(cfg.perf, name) < 0:
             raise ConfigError(f"perf.{name}: must be >= 0 (0 = automatic / off), got {getattr(cfg.perf, name)}")
+    if cfg.optim.name == "rmsprop" and cfg.optim.weight_decay:
+        raise ConfigError(f"optim.weight_decay={cfg.optim.weight_decay}: decoupled weight decay is AdamW's; "
+                          "optim.name=rmsprop (the DPO paper's) takes none")
+    if cfg.optim.name == "rmsprop" and cfg.perf.fused_adamw:
+        raise ConfigError("perf.fused_adamw=true: fuses AdamW's step; optim.name=rmsprop has no fused kernel")
     if cfg.train.max_steps < 0 or cfg.optim.warmup_steps < 0 or cfg.train.save_every < 0:
         raise ConfigError("train.max_steps, train.save_every and optim.warmup_steps must be >= 0")
     if not cfg.train.resume:
@@ -602,6 +625,9 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(getattr(cfg, section), name)}")
+    for t in cfg.eval.temperatures:
+        if t < 0:
+            raise ConfigError(f"eval.temperatures: each must be >= 0 (0 = greedy), got {t}")
     if not 0 < cfg.eval.top_p <= 1 or not 0 < cfg.eval.level < 1:
         raise ConfigError(f"eval.top_p must be in (0, 1] and eval.level in (0, 1); got {cfg.eval.top_p}, "
                           f"{cfg.eval.level}")

@@ -17,7 +17,8 @@ from typing import TypeVar
 import torch
 
 from preftune import config
-from preftune.data import TokenizedPair, collate
+from preftune.data import DataError, TokenizedPair, collate
+from preftune.data.records import Text
 from preftune.evaluate import Samples, bootstrap_ci, per_prompt_mean, sample, sequence_kl
 from preftune.logps import sequence_logps
 from preftune.losses import BoundLoss, bind, pair_logps
@@ -79,7 +80,9 @@ def load_target(path: str | Path, reference: str | Path | None = None) -> Target
         ref_model = load_model(dataclasses.replace(model_cfg, path=str(reference)), tokenizer).eval()
     else:
         ref_model = reference_model(cfg, tokenizer)
-    return Target(cfg, tokenizer, policy, ref_model, run_dir)
+    # one process: both models on the GPU when there is one (sampling a multi-billion model on CPU takes days)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Target(cfg, tokenizer, policy.to(device), ref_model.to(device), run_dir)
 
 
 def pair_loss(cfg: config.Config) -> BoundLoss:
@@ -253,40 +256,118 @@ def kl_summary(policy, reference, samples: Samples, *, pad_id: int, batch_size: 
     return {"mean": mean, "low": low, "high": high, "samples": len(terms)}
 
 
+def response_text(response: Text) -> str:
+    """A response as plain text for a judge: the text itself, or its messages' contents."""
+    return response if isinstance(response, str) else "\n".join(m["content"] for m in response)
+
+
+def dataset_references(source: str | Path, tokenizer, data_cfg: config.DataConfig, *, part: str = "all",
+                       limit: int = 0) -> tuple[list[str], list[str]]:
+    """(prompts, references): the first `limit` (0 = all) distinct prompts of a held-out source, each with the
+    response the data holds for it: the preferred response of a pair (an Anthropic HH chosen response), a TL;DR
+    post's human-written summary, a demonstration's completion. Prompts are decoded from the ids training would
+    see (truncation included), as `prompts_of` does; references are the data's own text. A prompt that comes
+    more than once keeps its first response."""
+    from preftune.data.load import LoadReport, fit, iter_encoded, iter_records, refuse_invalid, source_split
+
+    source = str(source)
+    report = LoadReport(source)
+    split, subset = source_split(source, data_cfg, part)
+    records = iter_records(source, data_cfg, report, part, split, examples=True, subset=subset)
+    prompts: list[str] = []
+    references: list[str] = []
+    seen: set[tuple[int, ...]] = set()
+    for rec, prompt_ids, responses in iter_encoded(records, tokenizer, data_cfg, report):
+        fitted = fit(prompt_ids, responses, data_cfg, rec.source, report)
+        if fitted is None or tuple(fitted[0]) in seen:
+            continue
+        seen.add(tuple(fitted[0]))
+        prompts.append(tokenizer.decode(fitted[0], skip_special_tokens=False))
+        references.append(response_text(rec.completion))
+        if len(prompts) == limit:
+            break
+    refuse_invalid(report, data_cfg)
+    if not prompts:
+        raise DataError(f"{source}: no held-out prompts ({report.summary()})")
+    return prompts, references
+
+
 def evaluate_target(target: Target, data_path: str | Path, ev: config.EvalConfig, judge_cfg: config.JudgeConfig,
                     *, part: str = "all", progress: bool = True) -> tuple[dict, list[dict]]:
     """Everything `preftune eval` reports, as a JSON-ready dict, plus the side-by-side sample rows.
 
-    Pair metrics always; when `ev.prompts` > 0, samples from both models, the policy's KL from its reference
-    and, when a judge is named, the policy's win rate over the reference.
+    Pair metrics when the data holds pairs; when `ev.prompts` > 0, the policy's samples, its KL from the
+    reference (from samples at `ev.temperature`) and, when a judge is named, its win rate over the baseline
+    (`ev.baseline`: the reference model's samples, or the data's own responses) at each temperature of
+    `ev.temperatures` (default: `ev.temperature` alone). In the sample rows, `reference` is the baseline's text.
     """
     from preftune import judges
     from preftune.data import load_pairs
+    from preftune.data.load import source_shape
+    from preftune.data.records import SFT_SHAPES
 
     if judge_cfg.name and ev.prompts == 0:
         raise ValueError(f"judge.name={judge_cfg.name!r} judges samples, but eval.prompts=0 samples none")
     judge = judges.build(judge_cfg) if judge_cfg.name else None  # before any model work: fail fast
     cfg, tok = target.cfg, target.tokenizer
-    pairs, report = load_pairs(data_path, tok, cfg.data, part=part)
-    loss_fn = pair_loss(cfg)
-    per_pair = score_pairs(target.policy, target.reference, pairs, loss_fn=loss_fn, pad_id=tok.pad_token_id,
-                           batch_size=ev.batch_size)
     ci = {"level": ev.level, "n_boot": ev.n_boot, "seed": ev.seed}
-    result: dict = {"data": str(data_path), "pairs": len(pairs), "skipped": len(report.skipped),
-                    "loss": cfg.loss.name, "beta": cfg.loss.beta, "level": ev.level,
-                    "metrics": summarise(per_pair, **ci)}
+    result: dict = {"data": str(data_path), "loss": cfg.loss.name, "beta": cfg.loss.beta, "level": ev.level}
+    paired = source_shape(str(data_path), cfg.data, part) not in SFT_SHAPES
+    if paired:
+        pairs, report = load_pairs(data_path, tok, cfg.data, part=part)
+        per_pair = score_pairs(target.policy, target.reference, pairs, loss_fn=pair_loss(cfg),
+                               pad_id=tok.pad_token_id, batch_size=ev.batch_size,
+                               device=next(target.policy.parameters()).device)
+        result.update(pairs=len(pairs), skipped=len(report.skipped), metrics=summarise(per_pair, **ci))
     rows: list[dict] = []
-    if ev.prompts > 0:
+    if ev.prompts == 0:
+        if not paired:
+            raise ValueError(f"{data_path} holds one response per prompt (no pairs to score), and eval.prompts=0 "
+                             "samples nothing to judge against them")
+        return result, rows
+    # --- prompts, and what the policy is judged against ---
+    references: list[str] = []
+    if ev.baseline == "dataset" or not paired:
+        prompts, references = dataset_references(data_path, tok, cfg.data, part=part, limit=ev.prompts)
+    else:
         prompts = prompts_of(pairs, tok, ev.prompts)
-        sbs = side_by_side(target.policy, target.reference, tok, prompts, ev, progress=progress)
-        rows = sbs.rows()
-        result["kl"] = kl_summary(target.policy, target.reference, sbs.policy, pad_id=tok.pad_token_id,
-                                  batch_size=ev.batch_size, **ci)
+    n = ev.n_per_prompt
+    kwargs = dict(n_per_prompt=n, max_new_tokens=ev.max_new_tokens, top_p=ev.top_p, batch_size=ev.batch_size,
+                  seed=ev.seed, progress=progress)
+    temperatures = list(ev.temperatures) or [ev.temperature]
+    sweep = bool(ev.temperatures)
+    # --- KL from the policy's own samples at eval.temperature (unbiased at 1.0, top_p 1.0) ---
+    at_kl_temperature = sample(target.policy, tok, prompts, desc="policy", temperature=ev.temperature, **kwargs)
+    result["kl"] = kl_summary(target.policy, target.reference, at_kl_temperature, pad_id=tok.pad_token_id,
+                              batch_size=ev.batch_size, **ci)
+    # --- samples and win rate at each temperature ---
+    win_rates = []
+    for t in temperatures:
+        policy_samples = at_kl_temperature if t == ev.temperature else sample(
+            target.policy, tok, prompts, desc=f"policy T={t:g}", temperature=t, **kwargs)
+        if ev.baseline == "dataset":
+            baseline = [references[policy_samples.prompt_of(i)] for i in range(len(policy_samples))]
+        else:
+            baseline = sample(target.reference, tok, prompts, desc=f"reference T={t:g}", temperature=t,
+                              **kwargs).completions
+        these = [{"prompt": prompts[policy_samples.prompt_of(i)], "sample": i % n,
+                  "policy": policy_samples.completions[i], "reference": baseline[i]}
+                 for i in range(len(policy_samples))]
         if judge is not None:
-            verdict = judges.judge_samples(judge, sbs, **ci)
-            result["win_rate"] = verdict.summary
-            for row, p_score, r_score in zip(rows, verdict.policy_scores, verdict.reference_scores, strict=True):
+            verdict = judges.judge_texts(judge, [r["prompt"] for r in these], policy_samples.completions,
+                                         baseline, n, **ci)
+            win_rates.append({**verdict.summary, "temperature": t, "baseline": ev.baseline})
+            for row, p_score, r_score in zip(these, verdict.policy_scores, verdict.reference_scores, strict=True):
                 row.update(policy_score=p_score, reference_score=r_score)
-        result["sampling"] = {k: getattr(ev, k) for k in ("prompts", "n_per_prompt", "max_new_tokens",
-                                                         "temperature", "top_p", "seed")}
+        if sweep:
+            for row in these:
+                row["temperature"] = t
+        rows += these
+    if win_rates:
+        if sweep:
+            result["win_rates"] = win_rates
+        else:
+            result["win_rate"] = win_rates[0]
+    result["sampling"] = {k: getattr(ev, k) for k in ("prompts", "n_per_prompt", "max_new_tokens", "temperature",
+                                                     "temperatures", "top_p", "seed", "baseline")}
     return result, rows

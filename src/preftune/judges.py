@@ -238,13 +238,31 @@ class Verdict:
 def judge_samples(judge: RewardJudge | ChatJudge, sbs, *, level: float = 0.95, n_boot: int = 2000,
                   seed: int = 0) -> Verdict:
     """Win rate of policy over reference on side-by-side samples, bootstrapped over prompts."""
-    pol, ref = sbs.policy, sbs.reference
+    pol = sbs.policy
     prompts = [pol.prompts[pol.prompt_of(i)] for i in range(len(pol))]
-    n = pol.n_per_prompt
+    return judge_texts(judge, prompts, pol.completions, sbs.reference.completions, pol.n_per_prompt, level=level,
+                       n_boot=n_boot, seed=seed)
+
+
+def judge_texts(judge: RewardJudge | ChatJudge, prompts: Sequence[str], policy: Sequence[str],
+                baseline: Sequence[str], n_per_prompt: int, *, level: float = 0.95, n_boot: int = 2000,
+                seed: int = 0) -> Verdict:
+    """Win rate of the policy's texts over baseline texts for the same prompts, bootstrapped over prompts.
+
+    All three are per sample (N,), grouped by prompt, `n_per_prompt` consecutive samples each. The baseline
+    is what the policy is compared with: the reference model's samples, or the data's own responses (the DPO
+    paper's TL;DR reference summaries and Anthropic HH preferred responses). In the summary, `reference_*`
+    names the baseline's side.
+    """
+    prompts, policy, baseline = list(prompts), list(policy), list(baseline)
+    if not len(prompts) == len(policy) == len(baseline):
+        raise ValueError(f"judge_texts needs one prompt, policy text and baseline text per sample; got "
+                         f"{len(prompts)}, {len(policy)} and {len(baseline)}")
+    n = n_per_prompt
     ci = {"level": level, "n_boot": n_boot, "seed": seed}
     summary: dict = {"judge": judge.name}
     if isinstance(judge, RewardJudge):
-        p_scores, r_scores = judge.score(prompts, pol.completions), judge.score(prompts, ref.completions)
+        p_scores, r_scores = judge.score(prompts, policy), judge.score(prompts, baseline)
         wins = (p_scores > r_scores) + 0.5 * (p_scores == r_scores)
         for key, values in (("policy_reward", per_prompt_mean(p_scores, n)),
                             ("reference_reward", per_prompt_mean(r_scores, n)),
@@ -252,9 +270,10 @@ def judge_samples(judge: RewardJudge | ChatJudge, sbs, *, level: float = 0.95, n
             summary[key] = dict(zip(("mean", "low", "high"), bootstrap_ci(values, **ci), strict=True))
         scores: tuple[list, list] = (p_scores.tolist(), r_scores.tolist())
     else:
-        wins = judge.policy_wins(prompts, pol.completions, ref.completions)
-        summary["invalid_replies"] = judge.invalid
+        invalid_before = judge.invalid  # a judge may serve several calls (a temperature sweep): count this one's
+        wins = judge.policy_wins(prompts, policy, baseline)
+        summary["invalid_replies"] = judge.invalid - invalid_before
         scores = ([None] * len(wins), [None] * len(wins))
     summary.update(zip(("mean", "low", "high"), bootstrap_ci(per_prompt_mean(wins, n), **ci), strict=True))
-    summary["prompts"] = len(pol.prompts)
+    summary["prompts"] = len(prompts) // n
     return Verdict(summary, np.asarray(wins, dtype=np.float64), *scores)

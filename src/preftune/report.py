@@ -95,12 +95,15 @@ def _eval_section(result: dict) -> str:
     summary = []
     if "kl" in result:
         summary.append(_interval_row("KL(policy || reference), nats", result["kl"]))
-    if "win_rate" in result:
-        win = result["win_rate"]
-        summary.append(_interval_row(f"win rate over reference ({win['judge']})", win))
+    # one win rate, or one per temperature of a sweep (eval.temperatures)
+    wins = result.get("win_rates") or ([result["win_rate"]] if "win_rate" in result else [])
+    for win in wins:
+        against = "dataset responses" if win.get("baseline") == "dataset" else "reference"
+        at = f" at T={win['temperature']:g}" if "win_rates" in result else ""
+        summary.append(_interval_row(f"win rate over {against}{at} ({win['judge']})", win))
         for key in ("policy_reward", "reference_reward", "reward_gain"):
             if key in win:
-                summary.append(_interval_row(key.replace("_", " "), win[key]))
+                summary.append(_interval_row(key.replace("_", " ") + at, win[key]))
     if summary:
         parts += [f"<h3>Sampled from both models ({result.get('sampling', {}).get('prompts', '?')} prompts)</h3>",
                   f"<table><tr><th>quantity</th><th>mean</th><th>{level} interval</th></tr>", *summary, "</table>"]
@@ -109,12 +112,13 @@ def _eval_section(result: dict) -> str:
 
 def _samples_section(samples: list[dict], limit: int) -> str:
     scored = any(s.get("policy_score") is not None for s in samples)
-    head = "<tr><th>#</th><th>prompt</th><th>reference</th><th>policy</th>"
+    swept = any("temperature" in s for s in samples)  # rows of a temperature sweep carry their temperature
+    head = "<tr><th>#</th>" + ("<th>T</th>" if swept else "") + "<th>prompt</th><th>reference</th><th>policy</th>"
     head += "<th>reference score</th><th>policy score</th></tr>" if scored else "</tr>"
     rows = []
     for i, s in enumerate(samples[:limit]):
-        cells = [f"<td class=num>{i}</td>"] + [f"<td class=text>{html.escape(str(s.get(k, '')))}</td>"
-                                                for k in ("prompt", "reference", "policy")]
+        cells = [f"<td class=num>{i}</td>"] + ([f"<td class=num>{_fmt(s.get('temperature'))}</td>"] if swept else [])
+        cells += [f"<td class=text>{html.escape(str(s.get(k, '')))}</td>" for k in ("prompt", "reference", "policy")]
         if scored:
             cells += [f"<td class=num>{_fmt(s.get(k))}</td>" for k in ("reference_score", "policy_score")]
         rows.append("<tr>" + "".join(cells) + "</tr>")

@@ -4,16 +4,14 @@ SFT runs through the same `train()` loop as the preference losses (same optimise
 logging, checkpointing and export; `train.stage=sft`), so the two stages cannot drift apart. This module holds
 only what differs: reading examples, collating one row per example, and the per-example loss.
 
-Examples come from the same JSONL files: a preference record {"prompt", "chosen", "rejected"} trains on its
-chosen response; a {"prompt", "completion"} record on its completion. They are tokenised by the preference
-pipeline (prompt ids a prefix of the row, one EOS, the same truncation) and held as TokenizedPair with no
-rejected response.
+Examples come from any source and shape the data package reads (records.to_example): a preference record
+trains on its preferred response, a {"prompt", "completion"} record on its completion, a TL;DR post on its
+reference summary. They are tokenised by the preference pipeline (prompt ids a prefix of the row, one EOS, the
+same truncation) and held as TokenizedPair with no rejected response.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -21,55 +19,31 @@ from torch import Tensor
 
 from preftune import data
 from preftune.config import DataConfig
-from preftune.data import Batch, DataError, LoadReport, PairRecord, TokenizedPair
+from preftune.data import Batch, DataError, LoadReport, TokenizedPair
+from preftune.data.load import fit, iter_encoded, iter_records, refuse_invalid
 from preftune.logps import sequence_logps
 
 METRICS = ("loss", "logps/chosen", "logits/chosen")
 """SFT's logged per-example means: loss = mean-token NLL of the response."""
 
 
-def read_examples(path: str | Path) -> list[tuple[str, str, str]]:
-    """(prompt, response, 'file:line') of each record; the response is `completion`, else `chosen`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
+def load_examples(source: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[TokenizedPair], LoadReport]:
+    """Tokenised SFT examples (TokenizedPair with empty `rejected_ids`) of any source and shape the preference
+    pipeline reads, and the source's load report. Every record is used (maybe truncated), or skipped and
+    reported; invalid records stop the load as in `data.load_pairs`, unless data.skip_invalid."""
+    source = str(source)
+    report = LoadReport(source)
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            response_field = "completion" if "completion" in obj else "chosen"
-            for name in ("prompt", response_field):
-                if not isinstance(obj.get(name), str):
-                    raise DataError(f"{where}: field '{name}' must be a string (an SFT record is "
-                                    f"{{prompt, completion}} or a preference record; keys present: {sorted(obj)})")
-            if not obj[response_field].strip():
-                raise DataError(f"{where}: field '{response_field}' is empty")
-            examples.append((obj["prompt"], obj[response_field], where))
+    records = iter_records(source, cfg, report, part="all", split=cfg.split, examples=True)
+    for rec, prompt_ids, (response_ids,) in iter_encoded(records, tokenizer, cfg, report):
+        fitted = fit(prompt_ids, [response_ids], cfg, rec.source, report)  # the preference rules, one response
+        if fitted is not None:
+            examples.append(TokenizedPair(fitted[0], fitted[1][0], [], rec.source))
+    report.used = len(examples)
+    refuse_invalid(report, cfg)
     if not examples:
-        raise DataError(f"{path}: no records")
-    return examples
-
-
-def load_examples(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[TokenizedPair], LoadReport]:
-    """Tokenised SFT examples (TokenizedPair with empty `rejected_ids`) and the file's load report."""
-    examples = read_examples(path)
-    report = LoadReport(str(path), records=len(examples))
-    out = []
-    for prompt, response, where in examples:
-        # the preference tokeniser with the response on both sides: identical ids and truncation rules
-        pair, truncated = data.tokenize_pair(PairRecord(prompt, response, response, where), tokenizer, cfg)
-        out.append(dataclasses.replace(pair, rejected_ids=[]))
-        report.truncated += truncated
-    report.used = len(out)
-    return out, report
+        raise DataError(f"{source}: no usable examples ({report.summary()})")
+    return examples, report
 
 
 def collate(examples: list[TokenizedPair], pad_id: int) -> Batch:

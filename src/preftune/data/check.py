@@ -1,4 +1,4 @@
-"""`preftune data check`: what a preference source holds and what is wrong with it, before any training."""
+"""`preftune data check`: what a preference (or SFT) source holds and what is wrong with it, before any training."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def check(source: str, tokenizer, cfg: DataConfig, show: int = 10) -> tuple[str,
     report = LoadReport(source)
     lengths = {name: array("i") for name in ("prompt", "chosen", "rejected", "completion", "pair")}
     truncated = prompt_cut = desirable = undesirable = 0
-    records = iter_records(source, cfg, report, part="all", split=cfg.split)
+    # SFT data (shapes completion, tldr) is checked as the examples `preftune sft` reads
+    records = iter_records(source, cfg, report, part="all", split=cfg.split, examples=None)
     for rec, prompt_ids, responses in iter_encoded(records, tokenizer, cfg, report):
         names = ("chosen", "rejected") if isinstance(rec, PairRecord) else ("completion",)
         lengths["prompt"].append(len(prompt_ids))

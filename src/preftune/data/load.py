@@ -20,13 +20,16 @@ import numpy as np
 
 from preftune.config import DataConfig
 from preftune.data.records import (
+    SFT_SHAPES,
     DataError,
+    Example,
     PairRecord,
     RecordProblem,
     UnpairedRecord,
     detect_shape,
     map_fields,
     record_key,
+    to_example,
     to_record,
 )
 from preftune.data.sources import content_hash, read_rows
@@ -35,7 +38,8 @@ from preftune.data.tokenize import TokenizedPair, TokenizedUnpaired, encode_reco
 CHUNK = 1024  # records tokenised per batched tokenizer call: big enough to keep every core busy
 CACHE_VERSION = 1  # bump when tokenisation changes, so old cache entries are never read
 # DataConfig fields that don't change the tokenised output, so they stay out of the cache key
-NOT_IN_CACHE_KEY = ("train", "eval", "group_by_length", "cache", "cache_dir")
+# (nor do subset and eval_subset: they name hub configurations, and hub sources are never cached)
+NOT_IN_CACHE_KEY = ("train", "eval", "group_by_length", "cache", "cache_dir", "subset", "eval_subset")
 
 
 @dataclass
@@ -164,15 +168,41 @@ def _eval_side(key: str, fraction: float) -> bool:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64 < fraction
 
 
-def iter_records(source: str, cfg: DataConfig, report: LoadReport, part: str = "train", split: str = "train"
-                 ) -> Iterator[PairRecord | UnpairedRecord]:
+Record = PairRecord | UnpairedRecord | Example
+
+
+def source_split(source: str, cfg: DataConfig, part: str) -> tuple[str, str]:
+    """(split, subset) of a HF dataset source: the eval source reads its own (data.eval_split, data.eval_subset);
+    records held out of the train source, and everything else, come from data.split and data.subset."""
+    if part == "eval" and source == cfg.eval:
+        return cfg.eval_split, cfg.eval_subset
+    return cfg.split, cfg.subset
+
+
+def source_shape(source: str, cfg: DataConfig, part: str = "all") -> str:
+    """The shape a source is read in: data.shape, or the one its first readable row's keys imply."""
+    if cfg.shape != "auto":
+        return cfg.shape
+    split, subset = source_split(source, cfg, part)
+    for where, row in read_rows(source, cfg.format, split, subset):
+        if not isinstance(row, RecordProblem):
+            return detect_shape(map_fields(row, cfg.fields), where)
+    raise DataError(f"{source}: no readable records")
+
+
+def iter_records(source: str, cfg: DataConfig, report: LoadReport, part: str = "train", split: str = "train",
+                 examples: bool | None = False, subset: str | None = None) -> Iterator[Record]:
     """Validated records of a source; every row read is yielded, or counted (held out / skipped) in `report`.
 
     part: 'train' leaves out the eval_fraction side, 'eval' keeps only it, 'all' keeps every record.
+    examples: True reads every row as the Example SFT trains on (see records.to_example); False as the
+    shape's own record; None decides by the shape (Examples for SFT_SHAPES), for tools that take either.
+    subset: the hub configuration to read (None: data.subset).
     """
     shape = cfg.shape
+    convert = None
     seen: set[bytes] = set()
-    for where, row in read_rows(source, cfg.format, split):
+    for where, row in read_rows(source, cfg.format, split, cfg.subset if subset is None else subset):
         if cfg.max_samples and report.records >= cfg.max_samples:
             report.max_samples_reached = True
             break
@@ -184,8 +214,11 @@ def iter_records(source: str, cfg: DataConfig, report: LoadReport, part: str = "
         if shape == "auto":
             shape = detect_shape(row, where)
         report.shape = shape
+        if convert is None:
+            as_examples = examples if examples is not None else shape in SFT_SHAPES
+            convert = to_example if as_examples else to_record
         try:
-            record = to_record(row, shape, where, cfg.min_score_ratio)
+            record = convert(row, shape, where, cfg.min_score_ratio)
         except RecordProblem as problem:
             report.skip(problem)
             continue
@@ -199,13 +232,13 @@ def iter_records(source: str, cfg: DataConfig, report: LoadReport, part: str = "
         yield record
 
 
-def iter_encoded(records: Iterator[PairRecord | UnpairedRecord], tokenizer, cfg: DataConfig, report: LoadReport
-                 ) -> Iterator[tuple[PairRecord | UnpairedRecord, list[int], list[list[int]]]]:
+def iter_encoded(records: Iterator[Record], tokenizer, cfg: DataConfig, report: LoadReport
+                 ) -> Iterator[tuple[Record, list[int], list[list[int]]]]:
     """(record, untruncated prompt ids, response ids) in chunks of CHUNK records, one tokenizer call each."""
     template = chat_template_of(cfg)
-    chunk: list[PairRecord | UnpairedRecord] = []
+    chunk: list[Record] = []
 
-    def drain() -> Iterator[tuple[PairRecord | UnpairedRecord, list[int], list[list[int]]]]:
+    def drain() -> Iterator[tuple[Record, list[int], list[list[int]]]]:
         for rec, encoded in zip(chunk, encode_records(chunk, tokenizer, template), strict=True):
             if isinstance(encoded, RecordProblem):
                 report.skip(encoded)
@@ -298,16 +331,15 @@ def load_pairs(source: str | Path, tokenizer, cfg: DataConfig, *, part: str = "t
     are an error listing them, unless data.skip_invalid; so is a source with no usable pair at all. With
     cache_dir, the result is cached (see cache_path)."""
     source = str(source)
-    # the eval source reads its own split; eval records held out of the train source come from train's
-    split = cfg.eval_split if part == "eval" and source == cfg.eval else cfg.split
+    split, subset = source_split(source, cfg, part)
     path = cache_path(source, tokenizer, cfg, Path(cache_dir), part, split) if cache_dir else None
     if path is not None and path.is_file():
         return _load(path)
     report = LoadReport(source)
 
     def pairs() -> Iterator[tuple[list[int], list[int], list[int], str]]:
-        for rec, prompt_ids, responses in iter_encoded(iter_records(source, cfg, report, part, split), tokenizer,
-                                                       cfg, report):
+        records = iter_records(source, cfg, report, part, split, subset=subset)
+        for rec, prompt_ids, responses in iter_encoded(records, tokenizer, cfg, report):
             if isinstance(rec, UnpairedRecord):
                 raise DataError(f"{source}: records are unpaired (prompt/completion/label); a paired loss needs "
                                 "prompt/chosen/rejected (unpaired data feeds KTO-style losses)")

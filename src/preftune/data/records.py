@@ -1,4 +1,5 @@
-"""Raw rows (dicts from any source) -> validated PairRecord / UnpairedRecord in one of the supported shapes.
+"""Raw rows (dicts from any source) -> validated PairRecord / UnpairedRecord / Example in one of the supported
+shapes.
 
 Every problem a row can have is a RecordProblem naming `where: field: problem`; the loader turns it into a
 skipped-record entry, so bad input is reported, never a deep traceback and never a silent loss.
@@ -14,7 +15,7 @@ from typing import Any
 Messages = list[dict[str, str]]
 Text = str | Messages  # plain text, or chat messages rendered by the tokenizer's template
 
-SHAPES = ("auto", "pairs", "implicit", "hh", "scored", "unpaired")
+SHAPES = ("auto", "pairs", "implicit", "hh", "scored", "unpaired", "tldr_comparisons", "completion", "tldr")
 # the canonical field names each shape reads; data.fields maps them from other column names
 SHAPE_FIELDS = {
     "pairs": ("prompt", "chosen", "rejected"),
@@ -22,9 +23,18 @@ SHAPE_FIELDS = {
     "hh": ("chosen", "rejected"),
     "scored": ("prompt", "response_a", "response_b", "score_a", "score_b"),
     "unpaired": ("prompt", "completion", "label"),
+    "tldr_comparisons": ("info", "summaries", "choice"),
+    "completion": ("prompt", "completion"),
+    "tldr": ("subreddit", "title", "post", "summary"),
 }
+SFT_SHAPES = ("completion", "tldr")
+"""Shapes holding one demonstration per prompt: SFT data, never preference pairs."""
 CANONICAL_FIELDS = tuple(sorted({name for names in SHAPE_FIELDS.values() for name in names}))
 HH_ASSISTANT = "\n\nAssistant:"
+# The TL;DR query of OpenAI's summarize-from-feedback code (Stiennon et al. 2020; openai/summarize-from-feedback,
+# summarize_from_feedback/utils/experiment_helpers.py, `tldr_task`: query.format_str), whose reference summary
+# follows as " {reference}" (response.ref_format_str), so a summary starts with one space after "TL;DR:".
+TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 
 
 class DataError(ValueError):
@@ -48,6 +58,20 @@ class PairRecord:
     rejected: Text
     source: str
     """'file:line' where the record came from, for error messages and skipped-record reports"""
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One demonstration (a prompt and the response to imitate), as SFT trains on and as the reference a
+    policy's samples are judged against."""
+
+    prompt: Text
+    completion: Text
+    source: str
 
     @property
     def conversational(self) -> bool:
@@ -82,8 +106,14 @@ def map_fields(row: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
 def detect_shape(row: dict[str, Any], where: str) -> str:
     """The shape a row's keys (after field mapping) imply; sources are read in one shape, from their first row."""
     keys = set(row)
+    if {"info", "summaries", "choice"} <= keys:
+        return "tldr_comparisons"
+    if {"subreddit", "title", "post", "summary"} <= keys:
+        return "tldr"
     if {"completion", "label"} <= keys:
         return "unpaired"
+    if {"prompt", "completion"} <= keys:
+        return "completion"
     if {"score_a", "score_b"} <= keys:
         return "scored"
     if {"prompt", "chosen", "rejected"} <= keys:
@@ -204,6 +234,73 @@ def _split_hh(where: str, chosen: Text, rejected: Text) -> tuple[str, str, str]:
     return prompt, chosen[len(prompt):], rejected[len(prompt):]
 
 
+def _string(value: Any, name: str, where: str) -> str:
+    """A required string field; `name` may be nested (e.g. 'info.post') so the error points into the record."""
+    if value is None:
+        raise RecordProblem(where, name, "is null", "missing field")
+    if not isinstance(value, str):
+        raise RecordProblem(where, name, f"must be a string, got {type(value).__name__}", "wrong type")
+    return _encodable(value, name, where)
+
+
+def _tldr_query(fields: dict[str, Any], where: str, prefix: str) -> str:
+    """A Reddit post (its `subreddit`, `title` and `post` fields, found under `prefix`) as the TL;DR query."""
+    parts = {}
+    for name in ("subreddit", "title", "post"):
+        if name not in fields:
+            raise RecordProblem(where, prefix + name, f"missing (keys present: {sorted(fields)})", "missing field")
+        parts[name] = _string(fields[name], prefix + name, where)
+    if not parts["post"].strip():
+        raise RecordProblem(where, prefix + "post", "is empty", "empty prompt")
+    # some copies write the subreddit as "r/name"; the template adds the "r/" itself
+    return TLDR_TEMPLATE.format(subreddit=parts["subreddit"].removeprefix("r/"), title=parts["title"],
+                                post=parts["post"])
+
+
+def _tldr_summary(value: Any, name: str, where: str) -> str:
+    """A summary as the response after "TL;DR:": with the one leading space OpenAI's format puts there (the
+    comparisons' texts already carry it; the filtered posts' reference summaries do not)."""
+    text = _string(value, name, where)
+    if not text.strip():
+        raise RecordProblem(where, name, "is empty", "empty response")
+    return text if text[:1].isspace() else " " + text
+
+
+def _tldr_comparison(row: dict[str, Any], where: str) -> tuple[str, str, str]:
+    """OpenAI summarize-from-feedback comparison -> (TL;DR query, preferred summary, other summary).
+
+    {"info": {"id", "post", "title", "subreddit"}, "summaries": [{"text", "policy", "note"}, {...}], "choice": 0|1,
+    "worker", "batch", "split", "extra"}: `choice` is the index of the summary the labeller preferred.
+    """
+    info = _get(row, "info", where)
+    if not isinstance(info, dict):
+        raise RecordProblem(where, "info", f"must be an object with subreddit, title and post, got "
+                            f"{type(info).__name__}", "wrong type")
+    if info.get("post") is None and info.get("article") is not None:
+        # the comparisons' evaluation batches also rate CNN/DM articles; they are not TL;DR posts
+        raise RecordProblem(where, "info.post", "is null: a CNN/DM article (info.article), not a TL;DR post",
+                            "not a TL;DR post", invalid=False)
+    prompt = _tldr_query(info, where, "info.")
+    summaries = _get(row, "summaries", where)
+    if not isinstance(summaries, list) or len(summaries) != 2:
+        got = f"{len(summaries)} items" if isinstance(summaries, list) else type(summaries).__name__
+        raise RecordProblem(where, "summaries", f"must be a list of 2 summaries, got {got}", "wrong type")
+    texts = []
+    for k, summary in enumerate(summaries):
+        if not isinstance(summary, dict):
+            raise RecordProblem(where, f"summaries[{k}]", f"must be an object with 'text', got "
+                                f"{type(summary).__name__}", "wrong type")
+        if "text" not in summary:
+            raise RecordProblem(where, f"summaries[{k}].text", f"missing (keys present: {sorted(summary)})",
+                                "missing field")
+        texts.append(_tldr_summary(summary["text"], f"summaries[{k}].text", where))
+    choice = _get(row, "choice", where)
+    if isinstance(choice, bool) or not isinstance(choice, int) or choice not in (0, 1):
+        raise RecordProblem(where, "choice", f"must be 0 or 1 (the index of the preferred summary), got {choice!r}",
+                            "wrong type")
+    return prompt, texts[choice], texts[1 - choice]
+
+
 def _number(row: dict[str, Any], name: str, where: str) -> float:
     value = _get(row, name, where)
     try:
@@ -243,6 +340,12 @@ def to_record(row: dict[str, Any], shape: str, where: str, min_score_ratio: floa
                                 invalid=False)
         split = _split_hh if shape == "hh" else _split_implicit
         prompt, chosen, rejected = split(where, full_chosen, full_rejected)
+    elif shape == "tldr_comparisons":
+        prompt, chosen, rejected = _tldr_comparison(row, where)
+    elif shape in SFT_SHAPES:
+        hint = " (the TL;DR preference data is shape tldr_comparisons)" if shape == "tldr" else ""
+        raise DataError(f"{where}: shape {shape!r} holds one response per prompt, SFT data (`preftune sft` trains on "
+                        f"it); a preference loss needs pairs{hint}")
     elif shape == "scored":
         prompt = _text(row, "prompt", where, "user")
         responses = {k: _text(row, k, where, "assistant") for k in ("response_a", "response_b")}
@@ -269,8 +372,58 @@ def to_record(row: dict[str, Any], shape: str, where: str, min_score_ratio: floa
     return PairRecord(prompt, parts["chosen"], parts["rejected"], where)
 
 
-def record_key(record: PairRecord | UnpairedRecord) -> str:
+def to_example(row: dict[str, Any], shape: str, where: str, min_score_ratio: float) -> Example:
+    """One row in `shape` -> the demonstration SFT trains on, or a RecordProblem saying why not.
+
+    completion: its completion; tldr: the post's reference summary; a preference shape: its preferred response
+    (the DPO paper's SFT "on preferred completions"), read without the rejected one where the shape allows
+    (pairs, hh, tldr_comparisons); unpaired: a desirable completion (an undesirable one is reported, not used).
+    """
+    if shape == "completion":
+        prompt, parts = _unify(_text(row, "prompt", where, "user"),
+                               completion=_text(row, "completion", where, "assistant"))
+        field, completion = "completion", parts["completion"]
+    elif shape == "tldr":
+        prompt, field = _tldr_query(row, where, ""), "summary"
+        completion = _tldr_summary(_get(row, "summary", where), "summary", where)
+    elif shape == "unpaired":
+        prompt, parts = _unify(_text(row, "prompt", where, "user"),
+                               completion=_text(row, "completion", where, "assistant"))
+        if not _label(row, where):
+            raise RecordProblem(where, "label", "is false: an undesirable completion is no demonstration",
+                                "undesirable completion", invalid=False)
+        field, completion = "completion", parts["completion"]
+    elif shape == "hh":
+        chosen = _text(row, "chosen", where, "user")
+        if not isinstance(chosen, str):
+            raise RecordProblem(where, "chosen", f"must be Anthropic HH text, got {type(chosen).__name__}",
+                                "wrong type")
+        cut = chosen.rfind(HH_ASSISTANT)
+        if cut < 0:
+            raise RecordProblem(where, "chosen", "has no '\\n\\nAssistant:' turn", "not HH text")
+        cut += len(HH_ASSISTANT)
+        prompt, field, completion = chosen[:cut], "chosen", chosen[cut:]
+    elif shape == "pairs":
+        prompt, parts = _unify(_text(row, "prompt", where, "user"), chosen=_text(row, "chosen", where, "assistant"))
+        field, completion = "chosen", parts["chosen"]
+    elif shape == "tldr_comparisons":
+        prompt, completion, _ = _tldr_comparison(row, where)
+        field = "summaries"
+    else:  # implicit and scored need both responses to know the prompt, or which one is preferred
+        record = to_record(row, shape, where, min_score_ratio)
+        if not isinstance(record, PairRecord):
+            raise DataError(f"unknown data shape {shape!r}; choose from {list(SHAPES)}")
+        prompt, field, completion = record.prompt, "chosen", record.chosen
+    _check_responses(where, **{field: completion})
+    return Example(prompt, completion, where)
+
+
+def record_key(record: PairRecord | UnpairedRecord | Example) -> str:
     """Canonical text of a record's content (not its place): equal keys are duplicate records."""
-    parts = [record.prompt, record.chosen, record.rejected] if isinstance(record, PairRecord) else [
-        record.prompt, record.completion, record.label]
+    if isinstance(record, PairRecord):
+        parts = [record.prompt, record.chosen, record.rejected]
+    elif isinstance(record, UnpairedRecord):
+        parts = [record.prompt, record.completion, record.label]
+    else:
+        parts = [record.prompt, record.completion]
     return json.dumps(parts, sort_keys=True, ensure_ascii=False)

@@ -33,15 +33,16 @@ def detect_format(source: str) -> str:
     raise DataError(f"{source}: can't tell the format from the name; set data.format to one of {list(FORMATS[1:])}")
 
 
-def read_rows(source: str, fmt: str = "auto", split: str = "train") -> Iterator[Row]:
-    """Stream the rows of a source in the given format ('auto': from the suffix, or a directory = datasets)."""
+def read_rows(source: str, fmt: str = "auto", split: str = "train", subset: str = "") -> Iterator[Row]:
+    """Stream the rows of a source in the given format ('auto': from the suffix, or a directory = datasets);
+    `subset` names the configuration of a hub dataset that has several."""
     fmt = detect_format(source) if fmt == "auto" else fmt
     if fmt != "datasets" and not Path(source).is_file():
         raise DataError(f"{source}: no such data file")
     readers = {"jsonl": _jsonl, "json": _json, "parquet": _parquet, "csv": _csv, "datasets": _datasets}
     if fmt not in readers:
         raise DataError(f"data.format: unknown format {fmt!r}; choose from {list(FORMATS)}")
-    yield from readers[fmt](source, split) if fmt == "datasets" else readers[fmt](source)
+    yield from _datasets(source, split, subset) if fmt == "datasets" else readers[fmt](source)
 
 
 def _object(where: str, value: Any) -> dict[str, Any] | RecordProblem:
@@ -151,15 +152,16 @@ def _csv(path: str) -> Iterator[Row]:
             yield where, {name: _cell(cell) for name, cell in zip(header, cells, strict=True)}
 
 
-def open_dataset(source: str, split: str):
-    """A `datasets.Dataset`: a directory saved with save_to_disk, or a hub name (needs a network)."""
+def open_dataset(source: str, split: str, subset: str = ""):
+    """A `datasets.Dataset`: a directory saved with save_to_disk, or a hub name (needs a network), in its
+    configuration `subset` when it has several (e.g. openai/summarize_from_feedback: comparisons)."""
     datasets = _optional("datasets", "HF datasets")
 
     try:
         if Path(source).is_dir():
             ds = datasets.load_from_disk(source)
         else:
-            ds = datasets.load_dataset(source, split=split)
+            ds = datasets.load_dataset(source, split=split, **({"name": subset} if subset else {}))
     except Exception as err:  # datasets raises many types (missing files, no network, bad config)
         raise DataError(f"{source}: can't open as a HF dataset ({type(err).__name__}: {err})") from None
     if isinstance(ds, datasets.DatasetDict):
@@ -169,8 +171,8 @@ def open_dataset(source: str, split: str):
     return ds
 
 
-def _datasets(source: str, split: str) -> Iterator[Row]:
-    ds = open_dataset(source, split)
+def _datasets(source: str, split: str, subset: str = "") -> Iterator[Row]:
+    ds = open_dataset(source, split, subset)
     for i, row in enumerate(ds, start=1):
         yield f"{source}[{split}]:{i}", row
 

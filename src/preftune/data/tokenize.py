@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from preftune.config import DataConfig
-from preftune.data.records import DataError, Messages, PairRecord, RecordProblem, Text, UnpairedRecord
+from preftune.data.records import DataError, Example, Messages, PairRecord, RecordProblem, Text, UnpairedRecord
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def render_chat(tokenizer, prompt: Messages, response: Messages, template: str |
     return prompt_text, response_text
 
 
-def record_texts(record: PairRecord | UnpairedRecord, tokenizer, template: str | None = None
+def record_texts(record: PairRecord | UnpairedRecord | Example, tokenizer, template: str | None = None
                  ) -> tuple[str, list[str], bool]:
     """(prompt text, response texts, prompt_is_rendered) of a record, rendering chat messages."""
     responses: list[Text] = ([record.chosen, record.rejected] if isinstance(record, PairRecord)
@@ -142,7 +142,7 @@ def _encode_batch(tokenizer, texts: list[str], add_special_tokens: bool) -> list
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
 
-def encode_records(records: list[PairRecord | UnpairedRecord], tokenizer, template: str | None = None
+def encode_records(records: list[PairRecord | UnpairedRecord | Example], tokenizer, template: str | None = None
                    ) -> list[tuple[list[int], list[list[int]]] | RecordProblem]:
     """Untruncated (prompt ids, response ids) of each record, or the problem that stops it, in order.
 
