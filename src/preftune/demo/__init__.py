@@ -32,10 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     help_text = field_docs(Settings)
     for name, kind in docs.items():
-        caster = {"int": int, "float": float, "str": str}[kind if isinstance(kind, str) else kind.__name__]
-        parser.add_argument(f"--{name.replace('_', '-')}", type=caster, default=None,
-                            help=f"{help_text.get(name, '')} (full: {getattr(FULL, name)}, "
-                            f"quick: {getattr(QUICK, name)})")
+        kind = kind if isinstance(kind, str) else kind.__name__
+        flag = f"--{name.replace('_', '-')}"
+        defaults = f"(full: {getattr(FULL, name)}, quick: {getattr(QUICK, name)})"
+        if kind == "bool":  # --sft / --no-sft
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text.get(name, '')} {defaults}")
+            continue
+        caster = {"int": int, "float": float, "str": str}[kind]
+        parser.add_argument(flag, type=caster, default=None, help=f"{help_text.get(name, '')} {defaults}")
     return parser
 
 
