@@ -10,14 +10,17 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from preftune import data
+from preftune import config, data
 from preftune.config import DataConfig
-from preftune.demo import QUICK, Settings, assets, main, pairs, prompts, report, run
+from preftune.demo import FULL, QUICK, Settings, assets, main, pairs, prompts, report, run
 from preftune.demo.reward import SentimentClassifier, load_or_train, train_classifier
 from preftune.evaluate import Comparison, Samples
 from preftune.modeling import byte_tokenizer
+
+from .conftest import read_metrics
 
 GOOD = "great wonderful superb loved excellent brilliant moving".split()
 BAD = "awful boring terrible hated dull waste worst".split()
@@ -86,6 +89,22 @@ def test_prompts_are_2_to_8_word_prefixes():
     assert all(r.text.startswith(p) for r, p in zip(reviews, got, strict=True))
     assert prompts.make_prompts(reviews, seed=0) == got
     assert prompts.prefix("one two", random.Random(0)) == "one two"  # shorter than asked: whole text
+
+
+def test_sft_examples_continue_the_prefix_up_to_a_sentence_end():
+    reviews = [assets.Review("one two three four five six seven eight nine ten. Eleven twelve! thirteen", 1),
+               assets.Review("a b c d e f g h i j k l m n o p q r s t", 0),  # no sentence end: cut at max
+               assets.Review("short", 1)]  # nothing after the prefix: no example
+    got = prompts.sft_examples(reviews, max_words=10, seed=3)
+    assert len(got) == 2
+    for rec, review in zip(got, reviews, strict=False):
+        assert 2 <= len(rec["prompt"].split()) <= 8 and rec["completion"].startswith(" ")
+        assert review.text.startswith(rec["prompt"] + rec["completion"])
+        assert len(rec["completion"].split()) <= 10
+    assert got[0]["completion"].endswith((".", "!"))
+    assert len(got[1]["completion"].split()) == 10
+    # the prefixes are drawn as the demo's prompts are: same reviews and seed, same prefixes
+    assert [r["prompt"] for r in got] == prompts.make_prompts(reviews[:2], seed=3)
 
 
 # --- pairs ---
@@ -226,11 +245,57 @@ def test_pipeline_end_to_end_on_tiny_model(tmp_path, monkeypatch, tiny_model_dir
     assert str(out / "train" / "round1" / "final") in (out / "train" / "round2" / "config.yaml").read_text()
 
 
+def test_sft_model_is_the_starting_policy_and_the_dpo_reference(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    reviews = fake_reviews(2300)
+    plain = run(dataclasses.replace(TINY, out=str(tmp_path / "plain")), progress=False,
+                model_dir=tiny_model_dir, reviews=reviews, reward=byte_reward)
+    out = tmp_path / "sft"
+    results = run(dataclasses.replace(TINY, out=str(out), sft=True, sft_examples=32, sft_words=12, sft_lr=3e-3),
+                  progress=False, model_dir=tiny_model_dir, reviews=reviews, reward=byte_reward)
+    sft_dir = out / "train" / "sft" / "final"
+    sft_cfg = config.load(out / "train" / "sft" / "config.yaml")
+    assert sft_cfg.train.stage == "sft" and sft_cfg.model.path == str(tiny_model_dir)
+    assert len(read_metrics(out / "train" / "sft")) == 8  # 32 examples / batch 4, one epoch
+    assert results["reference"] == str(sft_dir) and plain["reference"] == str(tiny_model_dir)
+    start = load_file(tiny_model_dir / "model.safetensors")
+    tuned = load_file(sft_dir / "model.safetensors")
+    assert any(not torch.equal(start[k], tuned[k]) for k in start), "SFT changed no weight"
+
+    # DPO round 1 starts from the SFT model and scores against it: before the first update the policy equals
+    # its reference, so the logged implicit rewards of step 1 are zero (against the original model they
+    # would not be)
+    round1 = config.load(out / "train" / "round1" / "config.yaml")
+    assert round1.model.path == str(sft_dir) and round1.reference.path == ""
+    first = read_metrics(out / "train" / "round1")[0]
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0, abs=1e-6)
+
+    # the evaluation's reference samples come from the SFT model; the original model is sampled on the same
+    # prompts with the same seed, so they equal the reference samples of the run without SFT
+    samples, plain_samples = results["eval_samples"], plain["eval_samples"]
+    assert [e["prompt"] for e in samples] == [e["prompt"] for e in plain_samples]
+    assert [e["original"] for e in samples] == [e["reference"] for e in plain_samples]
+    assert [e["reference"] for e in samples] != [e["original"] for e in samples]
+    assert results["evaluation_vs_original"]["reference_reward"] == plain["evaluation"]["reference_reward"]
+    assert plain["evaluation_vs_original"] == plain["evaluation"]
+    assert all(np.isfinite(e["kl_original"]) for e in samples)
+    # SFT examples are reviews of their own: none is the source of a training or evaluation prompt
+    sft_prompts = {json.loads(line)["prompt"] for line in (out / "sft.jsonl").read_text().splitlines()}
+    used = {e["prompt"] for e in samples} | {json.loads(line)["prompt"] for line in
+                                            (out / "pairs-round1.jsonl").read_text().splitlines()}
+    assert len(sft_prompts) > 20 and not sft_prompts & used
+
+
 def test_main_parses_overrides(monkeypatch):
     seen = {}
     monkeypatch.setattr("preftune.demo.run", lambda s, progress: seen.update(s=s, progress=progress))
     assert main(["--quick", "--rounds", "2", "--lr", "1e-5", "--no-progress"]) == 0
     assert seen["s"] == dataclasses.replace(QUICK, rounds=2, lr=1e-5) and seen["progress"] is False
+    main(["--sft", "--sft-lr", "2e-5"])
+    assert seen["s"] == dataclasses.replace(FULL, sft=True, sft_lr=2e-5)
+    main(["--quick", "--no-sft"])
+    assert seen["s"].sft is False and seen["s"].out == QUICK.out
 
 
 # --- the real model ---

@@ -50,3 +50,21 @@ def make_prompts(reviews: Sequence[Review], *, seed: int = 0, min_words: int = 2
     """One prefix per review (the prefix length drawn from a seeded generator)."""
     rng = random.Random(seed)
     return [prefix(r.text, rng, min_words, max_words) for r in reviews]
+
+
+def sft_examples(reviews: Sequence[Review], *, max_words: int = 40, seed: int = 0) -> list[dict]:
+    """{"prompt", "completion"} records for `preftune sft`: a 2-8-word prefix of each review, as the demo's
+    prompts are made, and the review's next words as completion, cut after the last sentence end within
+    `max_words` words (at `max_words` if none ends there), so the SFT model learns both to continue a prefix
+    the way IMDB reviewers write and where a thought ends."""
+    rng = random.Random(seed)
+    records = []
+    for review in reviews:
+        head = prefix(review.text, rng)
+        rest = review.text.split()[len(head.split()):][:max_words]
+        ends = [i for i, word in enumerate(rest) if word.endswith((".", "!", "?"))]
+        if ends:
+            rest = rest[:ends[-1] + 1]
+        if rest:  # a review no longer than its prefix has nothing to continue
+            records.append({"prompt": head, "completion": " " + " ".join(rest)})
+    return records

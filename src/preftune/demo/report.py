@@ -13,16 +13,20 @@ def _ci(v: Sequence[float], fmt: str = "{:+.3f}") -> str:
     return f"{fmt.format(est)}  [{fmt.format(low)}, {fmt.format(high)}]"
 
 
-def results_table(cmp: Comparison, classifier_accuracy: float) -> str:
-    """Plain-text table of the held-out evaluation (values with 95% bootstrap intervals over prompts)."""
+def results_table(cmp: Comparison, classifier_accuracy: float | None,
+                  reference_name: str = "reference") -> str:
+    """Plain-text table of the held-out evaluation (values with 95% bootstrap intervals over prompts); the
+    classifier row is left out when `classifier_accuracy` is None."""
+    ref = reference_name
     rows = [
         ("held-out prompts x samples each", f"{cmp.num_prompts} x {cmp.n_per_prompt}"),
-        ("reward classifier accuracy", f"{classifier_accuracy:.1%}"),
-        ("mean reward, reference", _ci(cmp.reference_reward, "{:.3f}")),
+        *([("reward classifier accuracy", f"{classifier_accuracy:.1%}")] if classifier_accuracy is not None
+          else []),
+        (f"mean reward, {ref}", _ci(cmp.reference_reward, "{:.3f}")),
         ("mean reward, DPO policy", _ci(cmp.policy_reward, "{:.3f}")),
-        ("reward gain (policy - reference)", _ci(cmp.reward_gain)),
-        ("win rate of policy over reference", _ci(cmp.win_rate, "{:.3f}")),
-        ("KL(policy || reference), nats/seq", _ci(cmp.kl, "{:.2f}")),
+        (f"reward gain (policy - {ref})", _ci(cmp.reward_gain)),
+        (f"win rate of policy over {ref}", _ci(cmp.win_rate, "{:.3f}")),
+        (f"KL(policy || {ref}), nats/seq", _ci(cmp.kl, "{:.2f}")),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{'metric':<{width}}  value  [95% CI]", "-" * (width + 34)]
