@@ -105,13 +105,13 @@ def spy_on_forwards(monkeypatch) -> list[tuple[int, dict]]:
     # the paired path goes through batch_logps (which picks the perf.* layout), KTO's through sequence_logps
     spy_on("sequence_logps")
     spy_on("batch_logps")
-    spy_on_module = reference_module.sequence_logps  # the reference's forwards run in reference.py
+    spy_on_module = reference_module.batch_logps  # the reference's forwards run in reference.py
 
     def reference_spy(model, batch, *args, **kwargs):
         calls.append((id(model), kwargs))
         return spy_on_module(model, batch, *args, **kwargs)
 
-    monkeypatch.setattr(reference_module, "sequence_logps", reference_spy)
+    monkeypatch.setattr(reference_module, "batch_logps", reference_spy)
     return calls
 
 

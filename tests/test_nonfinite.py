@@ -32,10 +32,14 @@ class InfiniteGradient(torch.autograd.Function):
 
 
 def poison(monkeypatch, sources: set[str], how: str = "loss") -> None:
-    """Make the policy's log-prob of every pair from `sources` NaN (or its gradient infinite)."""
-    real = train_module.sequence_logps
+    """Make the policy's log-prob of every pair from `sources` NaN (or its gradient infinite), whichever of the
+    loop's two log-prob entry points (paired: batch_logps; unpaired: sequence_logps) computes it."""
+    for name in ("batch_logps", "sequence_logps"):
+        monkeypatch.setattr(train_module, name, poisoned(getattr(train_module, name), sources, how))
 
-    def sequence_logps(model, batch, *args, **kwargs):
+
+def poisoned(real, sources: set[str], how: str):
+    def logps(model, batch, *args, **kwargs):
         out = real(model, batch, *args, **kwargs)
         hit = torch.tensor([s in sources for s in batch.sources] * 2)  # chosen rows, then rejected rows
         if out.logps.requires_grad and hit.any():  # the policy's forward, not the reference's
@@ -45,7 +49,7 @@ def poison(monkeypatch, sources: set[str], how: str = "loss") -> None:
                 out.logps = torch.where(hit, InfiniteGradient.apply(out.logps), out.logps)
         return out
 
-    monkeypatch.setattr(train_module, "sequence_logps", sequence_logps)
+    return logps
 
 
 @pytest.fixture
