@@ -180,12 +180,8 @@ def child_preftune(args: argparse.Namespace) -> dict:
     stream = data.batch_stream([p.length for p in pairs], BATCH, SEED, cfg.data.group_by_length)
     padding = []
     for _ in range(steps):
-        chunk = [pairs[i] for i in next(stream)]
-        if perf["packing"] or perf["prefix_sharing"]:
-            padding.append(data.pack(chunk, tokenizer.pad_token_id, prefix_sharing=perf["prefix_sharing"],
-                                     packing=perf["packing"], row_tokens=perf["pack_tokens"]).padding_share)
-        else:
-            padding.append(data.padding_share(data.collate(chunk, tokenizer.pad_token_id)))
+        batch = data.lay_out([pairs[i] for i in next(stream)], tokenizer.pad_token_id, cfg.perf)
+        padding.append(batch.padding_share if isinstance(batch, data.PackedBatch) else data.padding_share(batch))
     lengths = {"prompt_ids": len(pairs[0].prompt_ids), "chosen_ids": len(pairs[0].chosen_ids),
                "rejected_ids": len(pairs[0].rejected_ids)}
     del pairs, tokenizer

@@ -227,13 +227,8 @@ def precompute_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id:
     local = torch.zeros(per_rank, 2, device=accelerator.device)  # (per_rank, 2)
     for start in range(0, per_rank, batch_size):
         rows = share[start:start + batch_size]
-        chunk = [pairs[i] for i in rows]
-        if perf.prefix_sharing or perf.packing:
-            batch = data.pack(chunk, pad_id, prefix_sharing=perf.prefix_sharing, packing=perf.packing,
-                              row_tokens=perf.pack_tokens)
-        else:
-            batch = data.collate(chunk, pad_id)
-        chosen, rejected = batch_logps(model, batch.to(accelerator.device), perf.logps_chunk).halves()
+        batch = data.lay_out([pairs[i] for i in rows], pad_id, perf).to(accelerator.device)
+        chosen, rejected = batch_logps(model, batch, perf.logps_chunk).halves()
         local[start:start + len(rows)] = torch.stack([chosen.logps, rejected.logps], dim=1).float()
     model.train(was_training)
     gathered = accelerator.gather(local).cpu()  # (world * per_rank, 2), rank-major

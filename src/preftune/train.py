@@ -198,12 +198,7 @@ def train(cfg: Config) -> Path:
                                                       policy_rows.rows(~unpaired.desirable))
                 else:
                     batch_pairs = [pairs[j] for j in local]
-                    if fast_layout:
-                        batch = data.pack(batch_pairs, pad_id, prefix_sharing=cfg.perf.prefix_sharing,
-                                          packing=cfg.perf.packing, row_tokens=cfg.perf.pack_tokens)
-                    else:
-                        batch = data.collate(batch_pairs, pad_id)
-                    batch = batch.to(accelerator.device)
+                    batch = data.lay_out(batch_pairs, pad_id, cfg.perf).to(accelerator.device)
                     tokens = dict(with_tokens=loss_fn.needs_token_logps)
                     policy_chosen, policy_rejected = batch_logps(
                         policy, batch, cfg.perf.logps_chunk, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()

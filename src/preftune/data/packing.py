@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from preftune.data.batches import Batch
+from preftune.config import PerfConfig
+from preftune.data.batches import Batch, collate
 from preftune.data.tokenize import TokenizedPair
 
 
@@ -60,6 +61,15 @@ class PackedBatch:
     def to(self, device: torch.device | str) -> PackedBatch:
         moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()}
         return PackedBatch(**moved)
+
+
+def lay_out(pairs: list[TokenizedPair], pad_id: int, perf: PerfConfig) -> Batch | PackedBatch:
+    """The layout the perf switches pick for a micro-batch of pairs: packed / prefix-shared, or plain rows.
+    Training and the reference's precomputed pass both use it, so they always score the same layout."""
+    if perf.prefix_sharing or perf.packing:
+        return pack(pairs, pad_id, prefix_sharing=perf.prefix_sharing, packing=perf.packing,
+                    row_tokens=perf.pack_tokens)
+    return collate(pairs, pad_id)
 
 
 def pack(pairs: list[TokenizedPair], pad_id: int, *, prefix_sharing: bool, packing: bool,
