@@ -31,7 +31,11 @@ def tiny_config(tmp_path: Path, **sections) -> config.Config:
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
-    return config.from_dict(raw)
+    from preftune.train import check  # the registry checks train() runs first, here at once
+
+    cfg = config.from_dict(raw)
+    check(cfg)
+    return cfg
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

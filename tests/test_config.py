@@ -44,8 +44,10 @@ def test_config_is_frozen():
     ("loss=3", "'loss' is a section"),
 ])
 def test_bad_overrides_name_key_value_and_expectation(override, message):
+    from preftune.train import check  # the loss registry's checks run where config meets it
+
     with pytest.raises(config.ConfigError, match=None) as err:
-        config.load("configs/tiny.yaml", [override])
+        check(config.load("configs/tiny.yaml", [override]))
     assert message in str(err.value)
 
 

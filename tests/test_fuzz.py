@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from preftune import config
 from preftune.data import DataError, load_pairs, read_jsonl
 from preftune.modeling import byte_tokenizer
+from preftune.train import check
 
 from .conftest import REPO
 
@@ -156,6 +157,7 @@ config_text = st.one_of(
 def check_config(path: Path, items: list[str]) -> None:
     try:
         cfg = config.load(path, items)
+        check(cfg)  # the loss registry's checks too
     except config.ConfigError as err:
         assert str(err).strip()
     else:  # a config that loads is valid and round-trips through YAML

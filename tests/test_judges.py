@@ -213,7 +213,7 @@ def test_reward_model_judge_needs_a_path():
 
 
 def test_sentiment_judge_scores_with_the_demos_cached_classifier(tmp_path, monkeypatch):
-    from preftune.demo.reward import SentimentClassifier
+    from preftune.judges.sentiment import SentimentClassifier
 
     # a hand-made classifier in the demo's cache format: "great" pushes towards positive, "awful" away
     vocabulary = {"great": 0, "awful": 1}

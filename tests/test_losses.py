@@ -20,6 +20,7 @@ from preftune.losses import (
     ld_dpo,
     wpo_weights,
 )
+from preftune.train import check
 
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 T = torch.float64
@@ -366,6 +367,7 @@ def test_every_loss_is_selectable_and_documented():
         assert all(p.kind is p.KEYWORD_ONLY for p in sig[1 + spec.running_state:]), name
         cfg = config.from_dict({"model": {"arch": {"model_type": "llama"}}, "loss": {"name": name},
                                 "train": {"batch_size": 2}})
+        check(cfg)
         assert bind(cfg.loss).spec is spec
 
 
@@ -398,7 +400,7 @@ def test_paper_defaults_apply_when_beta_is_unset():
 def test_config_rejects_inapplicable_settings(raw, message):
     raw = {"model": {"arch": {"model_type": "llama"}}, **raw}
     with pytest.raises(config.ConfigError, match=__import__("re").escape(message)):
-        config.from_dict(raw)
+        check(config.from_dict(raw))
 
 
 def test_loss_config_round_trips_through_yaml(tmp_path):

@@ -66,5 +66,5 @@ def test_gradient_raises_chosen_and_lowers_rejected(name):
 
 
 def test_unknown_hyperparameter_is_refused():
-    with pytest.raises(ValueError, match="takes no hyperparameter"):
+    with pytest.raises(ValueError, match="takes no such hyperparameter"):
         bind("hinge", 0.1, {"label_smoothing": 0.1})

@@ -280,6 +280,13 @@ class JudgeConfig:
     """openai: further attempts after a timeout, connection error, HTTP 429 or 5xx."""
     backoff_s: float = 1.0
     """openai: wait before the first retry, doubled for each later one."""
+    mode: str = "pairwise"
+    """openai under `preftune iterate`: pairwise (the judge names the better of two samples, asked in both
+    orders; a sample's score is its share of wins) or pointwise (the judge gives each sample a score from 1 to
+    10). `preftune eval` always asks pairwise."""
+    cache: str = ""
+    """openai: JSONL file keeping every valid reply by its request, so a rerun or a resumed run never asks (or
+    pays) twice; empty = <run dir>/judge_cache.jsonl under `preftune iterate`, no cache elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -327,6 +334,63 @@ class PerfConfig:
 
 
 @dataclass(frozen=True)
+class IterateConfig:
+    """`preftune iterate`: online / iterative DPO. Each round samples the current policy on fresh prompts, scores
+    the samples with the judge, pairs them, trains one round with the configured loss (model, loss, optim,
+    train, perf sections), and evaluates on held-out prompts. docs/iterate.md has the recipe."""
+
+    prompts: str = ""
+    """Prompt source: .jsonl/.json/.parquet/.csv, a saved HF dataset or a hub name, read with data.format,
+    data.split and data.fields. A record gives its `prompt` (text, or {role, content} messages rendered with the
+    chat template), or any preference/SFT shape data.shape reads (HH, TL;DR, ...), whose prompt is taken."""
+    eval_prompts: str = ""
+    """Held-out prompt source, same formats; empty = the last `num_eval_prompts` distinct prompts of `prompts`,
+    which no round trains on."""
+    num_eval_prompts: int = 64
+    """Held-out prompts evaluated after each round (0 = no held-out evaluation)."""
+    rounds: int = 3
+    """Sample -> judge -> pair -> train rounds; each samples the policy the previous round produced."""
+    prompts_per_round: int = 32
+    """Fresh prompts per round, taken in file order and never reused."""
+    samples_per_prompt: int = 4
+    """Completions sampled per prompt from the current policy (k)."""
+    max_new_tokens: int = 64
+    """Longest sampled completion in tokens (round samples and held-out evaluation)."""
+    temperature: float = 1.0
+    """Sampling temperature for round samples and evaluation; 1.0 is the policy's own distribution."""
+    top_p: float = 1.0
+    """Nucleus mass for round samples; held-out KL is only unbiased at 1.0."""
+    sample_batch_size: int = 32
+    """Sequences per generate call."""
+    seed_each_prompt: bool = False
+    """Draw each prompt's k samples from a seed of its own (seed, round, prompt), so they do not depend on
+    sample_batch_size or on the other prompts of the round; off: one seed per round, batched generation."""
+    pairing: str = "best_worst"
+    """How samples become pairs: best_worst (per prompt the highest- vs the lowest-scored sample) or
+    all_pairs (every two samples whose scores differ by more than `margin`, widest gap first)."""
+    margin: float = 0.0
+    """A pair needs its chosen score to exceed the rejected one by more than this; closer pairs are ties,
+    dropped and counted."""
+    max_pairs_per_prompt: int = 0
+    """all_pairs: keep at most this many pairs per prompt, widest gap first (0 = all)."""
+    min_pairs: int = 1
+    """A round that builds fewer pairs stops the run with the round's counts."""
+    reference: str = "initial"
+    """Reference of each round's loss: initial (the model round 1 starts from) or round_start (the policy the
+    round starts from). reference.mode picks how it is computed (auto: a frozen model; precomputed: one
+    no-grad pass over the round's pairs, then freed)."""
+    warmup_every_round: bool = False
+    """Apply optim.warmup_steps in every round; off: only in round 1 (later rounds start warm)."""
+    kl_samples: int = 0
+    """Per prompt, this many of a round's samples also get log-probs under the initial model, for the record's
+    KL of the current policy's samples (two extra forwards; 0 = skip)."""
+    eval_every: int = 1
+    """Evaluate on the held-out prompts after every this many rounds, and always after the last."""
+    eval_initial: bool = True
+    """Also evaluate the initial model on the held-out prompts before round 1 (the baseline of the records)."""
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
@@ -339,6 +403,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
 
     def run_dir(self) -> Path:
         return Path(self.train.output_dir) / (self.train.run_name or "run")
@@ -561,6 +626,9 @@ _CHOICES = {
     "loss.ref_sync": ("none", "soft", "hard"),
     "log.wandb_mode": ("online", "offline", "disabled"),
     "eval.baseline": ("reference", "dataset"),
+    "iterate.pairing": ("best_worst", "all_pairs"),
+    "iterate.reference": ("initial", "round_start"),
+    "judge.mode": ("pairwise", "pointwise"),
 }
 
 
@@ -634,53 +702,58 @@ def validate(cfg: Config) -> None:
     if cfg.train.eval_every and not cfg.data.eval and cfg.data.eval_fraction == 0:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs held-out pairs: data.eval, or "
                           "data.eval_fraction > 0")
-    from preftune.losses import LOSSES  # late: losses import torch, config loading should not need to
-
-    if cfg.loss.name not in LOSSES:
-        raise ConfigError(f"loss.name: unknown loss {cfg.loss.name!r}; choose from {sorted(LOSSES)}")
-    allowed = LOSSES[cfg.loss.name].hyperparameters()
-    for name in cfg.loss.params:
-        if name not in allowed:
-            raise ConfigError(f"loss.params.{name}: {cfg.loss.name!r} takes no such hyperparameter; "
-                              f"it takes {sorted(allowed)}")
-    _validate_loss(cfg, LOSSES[cfg.loss.name])
     if not cfg.model.path and not cfg.model.arch:
         raise ConfigError("model: set model.path (a HF model directory) or model.arch (a random-init config)")
-    _validate_reference(cfg, LOSSES[cfg.loss.name])
+    _validate_loss_values(cfg.loss)
+    _validate_reference_values(cfg)
+    validate_iterate(cfg.iterate)
 
 
-def reference_mode(cfg: Config) -> str:
-    """The concrete reference mode: `auto` resolved, `none` whenever nothing uses a reference."""
-    from preftune.losses import LOSSES
-
-    if cfg.train.stage == "sft" or not LOSSES[cfg.loss.name].needs_reference:
-        return "none"
-    if cfg.reference.mode != "auto":
-        return cfg.reference.mode
-    if cfg.reference.path:
-        return "path"
-    if cfg.lora.enabled and not cfg.model.adapter_path:
-        return "adapters_off"  # fresh adapters start at zero: the base is exactly the starting policy
-    return "copy"
+# Checks of the loss against the registry (its name, hyperparameters, which modifiers it allows) and of the
+# reference against the loss's needs live where a config meets the registry: `preftune.losses.validate` and
+# `preftune.reference.validate`, both run by `preftune.train.check` (train() and iterate() call it first).
+# This module stays plain data: it never imports the loss registry.
 
 
-def _validate_reference(cfg: Config, spec: Any) -> None:
+def validate_iterate(it: IterateConfig) -> None:
+    """The iterate section's ranges (whether a judge and prompts are set is checked when iterate starts)."""
+    for name in ("rounds", "prompts_per_round", "samples_per_prompt", "max_new_tokens", "sample_batch_size",
+                 "min_pairs", "eval_every"):
+        if getattr(it, name) <= 0:
+            raise ConfigError(f"iterate.{name}: must be > 0, got {getattr(it, name)}")
+    for name in ("num_eval_prompts", "max_pairs_per_prompt", "kl_samples", "margin", "temperature"):
+        if getattr(it, name) < 0:
+            raise ConfigError(f"iterate.{name}: must be >= 0, got {getattr(it, name)}")
+    if it.samples_per_prompt < 2:
+        raise ConfigError(f"iterate.samples_per_prompt: a pair needs two samples per prompt, got "
+                          f"{it.samples_per_prompt}")
+    if not 0 < it.top_p <= 1:
+        raise ConfigError(f"iterate.top_p: must be in (0, 1], got {it.top_p}")
+
+
+def _validate_loss_values(loss: LossConfig) -> None:
+    """Ranges of the loss section that hold for every loss."""
+    if loss.beta is not None and loss.beta <= 0:
+        raise ConfigError(f"loss.beta: must be > 0, got {loss.beta}")
+    if not 0 <= loss.ld_alpha <= 1:
+        raise ConfigError(f"loss.ld_alpha: must be in [0, 1], got {loss.ld_alpha}")
+    if loss.divergence == "alpha" and not 0 < loss.divergence_alpha < 1:
+        raise ConfigError(f"loss.divergence_alpha: must be in (0, 1), got {loss.divergence_alpha}")
+    if not 0 < loss.ref_sync_alpha <= 1:
+        raise ConfigError(f"loss.ref_sync_alpha: must be in (0, 1], got {loss.ref_sync_alpha}")
+    if loss.ref_sync_every <= 0:
+        raise ConfigError(f"loss.ref_sync_every: must be > 0, got {loss.ref_sync_every}")
+
+
+def _validate_reference_values(cfg: Config) -> None:
+    """Reference and LoRA settings that contradict each other whatever the loss."""
     mode, lora = cfg.reference.mode, cfg.lora
-    needs_reference = spec.needs_reference and cfg.train.stage != "sft"
     if cfg.model.adapter_path and not lora.enabled:
         raise ConfigError(f"model.adapter_path={cfg.model.adapter_path!r} continues a LoRA adapter: set "
                           "lora.enabled=true")
     if lora.enabled and (lora.r <= 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1):
         raise ConfigError(f"lora: need r > 0, alpha > 0 and 0 <= dropout < 1; got r={lora.r}, "
                           f"alpha={lora.alpha}, dropout={lora.dropout}")
-    if not needs_reference:
-        if mode not in ("auto", "none"):
-            raise ConfigError(f"reference.mode={mode!r} but {cfg.train.stage!r} with loss {cfg.loss.name!r} "
-                              "uses no reference; leave it auto or set none")
-        return
-    if mode == "none":
-        raise ConfigError(f"reference.mode='none' but loss {cfg.loss.name!r} needs a reference; choose from "
-                          f"{list(_CHOICES['reference.mode'])}, or a reference-free loss")
     if mode == "path" and not cfg.reference.path:
         raise ConfigError("reference.mode='path' needs reference.path (a HF model directory)")
     if mode == "adapters_off" and not lora.enabled:
@@ -693,56 +766,4 @@ def _validate_reference(cfg: Config, spec: Any) -> None:
     if cfg.reference.path and mode not in ("auto", "path", "precomputed"):
         raise ConfigError(f"reference.path is set but reference.mode={mode!r} ignores it; use path, "
                           "precomputed or auto")
-    resolved = reference_mode(cfg)
-    if resolved == "precomputed":
-        # the table holds one summed log-prob per response of each pair, fixed before training
-        if spec.unpaired:
-            raise ConfigError(f"reference.mode='precomputed': {cfg.loss.name!r} also scores mismatched "
-                              "completions that depend on each batch; use copy, path or adapters_off")
-        if cfg.train.eval_every > 0:
-            raise ConfigError("reference.mode='precomputed' with train.eval_every > 0: held-out eval and its KL "
-                              "run the reference on rows the table does not hold; use copy, or evaluate "
-                              "afterwards with `preftune eval` (it rebuilds the reference)")
-        if cfg.loss.ld_alpha != 1.0:
-            raise ConfigError("reference.mode='precomputed': loss.ld_alpha needs per-token reference "
-                              "log-probs, which the table does not keep; use copy, path or adapters_off")
-    if cfg.loss.ref_sync != "none" and (resolved not in ("copy", "path") or (resolved == "path" and lora.enabled)):
-        raise ConfigError(f"loss.ref_sync={cfg.loss.ref_sync!r} updates the reference from the policy, so the "
-                          f"reference must be a separate model of the same shape: set reference.mode='copy' "
-                          f"(resolved mode is {resolved!r})")
 
-
-def _validate_loss(cfg: Config, spec: Any) -> None:
-    """The loss's hyperparameter ranges and which modifiers its kind of data and reference allow."""
-    loss = cfg.loss
-    hyper = {**spec.hyperparameters(), **loss.params}
-    if loss.beta is not None:
-        if "beta" not in spec.hyperparameters():
-            raise ConfigError(f"loss.beta: {loss.name!r} takes no beta; its hyperparameters are {sorted(hyper)}")
-        if loss.beta <= 0:
-            raise ConfigError(f"loss.beta: must be > 0, got {loss.beta}")
-    eps = hyper.get("label_smoothing", 0.0)
-    if not 0 <= eps < 0.5:
-        raise ConfigError(f"loss.params.label_smoothing: must be in [0, 0.5), got {eps}")
-    if loss.name == "exo_pair" and eps <= 0:  # EXO takes log eps
-        raise ConfigError(f"loss.params.label_smoothing: exo_pair needs it in (0, 0.5), got {eps}")
-    if not 0 <= loss.ld_alpha <= 1:
-        raise ConfigError(f"loss.ld_alpha: must be in [0, 1], got {loss.ld_alpha}")
-    if loss.divergence == "alpha" and not 0 < loss.divergence_alpha < 1:
-        raise ConfigError(f"loss.divergence_alpha: must be in (0, 1), got {loss.divergence_alpha}")
-    if not 0 < loss.ref_sync_alpha <= 1:
-        raise ConfigError(f"loss.ref_sync_alpha: must be in (0, 1], got {loss.ref_sync_alpha}")
-    if loss.ref_sync_every <= 0:
-        raise ConfigError(f"loss.ref_sync_every: must be > 0, got {loss.ref_sync_every}")
-    modifiers = {"loss.weighting": loss.weighting != "none", "loss.ld_alpha": loss.ld_alpha != 1.0,
-                 "loss.divergence": loss.divergence != "reverse_kl"}
-    for key, on in modifiers.items():
-        if on and spec.unpaired:
-            raise ConfigError(f"{key}: applies to paired losses; {loss.name!r} trains on unpaired data")
-    if loss.divergence != "reverse_kl" and not spec.needs_reference:
-        raise ConfigError(f"loss.divergence: changes the log-ratio to a reference; {loss.name!r} has none")
-    if loss.ref_sync != "none" and not spec.needs_reference:
-        raise ConfigError(f"loss.ref_sync: {loss.name!r} uses no reference model to update")
-    if spec.kl_estimate and cfg.train.batch_size < 2:
-        raise ConfigError(f"train.batch_size: {loss.name!r} estimates its KL term from mismatched pairs "
-                          "within a batch, which needs batch_size >= 2")

@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from preftune.config import ConfigError, LossConfig
+
 if TYPE_CHECKING:
-    from preftune.config import LossConfig
+    from preftune.config import Config
     from preftune.logps import SequenceLogps
 
 
@@ -443,6 +445,8 @@ class LossSpec:
     """Needs the batch KL estimate: one extra no-grad forward over mismatched (x_i, y_j) rows."""
     running_state: bool = False
     """`fn(lp, running, ...)` takes a `RunningMean` the loop owns and updates after every step."""
+    check: Callable[[dict[str, Any]], str | None] | None = None
+    """Hyperparameter constraints of this loss alone: the bound hyperparameters -> a problem, or None."""
 
     def hyperparameters(self) -> dict[str, Any]:
         """Keyword-only hyperparameters and their defaults, read from the function's signature."""
@@ -473,7 +477,9 @@ LOSSES: dict[str, LossSpec] = {
     "sppo_hard": LossSpec(sppo_hard, "(lr_w - 1/(2 beta))^2 + (lr_l + 1/(2 beta))^2 (arXiv:2405.00675)"),
     "apo_zero": LossSpec(apo_zero, "1 - s(r_w) + s(r_l): chosen up, rejected down (arXiv:2408.06266)"),
     "apo_down": LossSpec(apo_down, "s(r_w) + 1 - s(r_w - r_l): both down, rejected more (arXiv:2408.06266)"),
-    "exo_pair": LossSpec(exo_pair, "KL(softmax(beta r) over the pair || [1-eps, eps]) (arXiv:2402.00856)"),
+    "exo_pair": LossSpec(exo_pair, "KL(softmax(beta r) over the pair || [1-eps, eps]) (arXiv:2402.00856)",
+                         check=lambda h: None if h["label_smoothing"] > 0 else
+                         f"loss.params.label_smoothing: exo_pair needs it in (0, 0.5), got {h['label_smoothing']}"),
     "discopop": LossSpec(discopop, "logistic/exponential blend by s(beta h / tau) (arXiv:2406.08414)"),
     "aot": LossSpec(aot, "dpo on sorted quantiles of chosen vs rejected log-ratios (arXiv:2406.05882)"),
     "simpo": LossSpec(simpo, "-log s(beta l(y_w) - beta l(y_l) - gamma), l mean-token logp "
@@ -557,18 +563,53 @@ def bind(loss: str | LossConfig, beta: float | None = None, params: dict[str, fl
     `beta` and `params` (no modifiers): `beta` where the loss takes it (unset = the paper's default), then
     `params`."""
     if isinstance(loss, str):
-        from preftune.config import LossConfig  # late: config imports this module lazily too
-
         loss = LossConfig(name=loss, beta=beta, params=dict(params or {}))
     cfg = loss
-    if cfg.name not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.name!r}; choose from {sorted(LOSSES)}")
-    spec = LOSSES[cfg.name]
+    spec = _spec(cfg)
     kwargs = dict(cfg.params)
     if cfg.beta is not None and "beta" in spec.hyperparameters():
         kwargs.setdefault("beta", cfg.beta)
-    unknown = set(kwargs) - set(spec.hyperparameters())
-    if unknown:
-        raise ValueError(f"loss {cfg.name!r} takes no hyperparameter(s) {sorted(unknown)}; "
-                         f"it takes {sorted(spec.hyperparameters())}")
     return BoundLoss(spec, kwargs, cfg.weighting, cfg.ld_alpha, cfg.divergence, cfg.divergence_alpha)
+
+
+def _spec(loss: LossConfig) -> LossSpec:
+    """The registry entry of `loss.name`, after checking that every hyperparameter given is one it takes."""
+    if loss.name not in LOSSES:
+        raise ConfigError(f"loss.name: unknown loss {loss.name!r}; choose from {sorted(LOSSES)}")
+    spec = LOSSES[loss.name]
+    allowed = spec.hyperparameters()
+    for name in loss.params:
+        if name not in allowed:
+            raise ConfigError(f"loss.params.{name}: {loss.name!r} takes no such hyperparameter; it takes "
+                              f"{sorted(allowed)}")
+    return spec
+
+
+def validate(cfg: Config) -> None:
+    """The loss section against the registry: its name, its hyperparameters and their ranges, and which
+    modifiers its kind of data and reference allow. Run where a config meets the registry
+    (`preftune.train.check`), so config.py stays plain data."""
+    loss = cfg.loss
+    spec = _spec(loss)
+    hyper = {**spec.hyperparameters(), **loss.params}
+    if loss.beta is not None and "beta" not in spec.hyperparameters():
+        raise ConfigError(f"loss.beta: {loss.name!r} takes no beta; its hyperparameters are {sorted(hyper)}")
+    if loss.beta is not None:
+        hyper["beta"] = loss.beta
+    if "label_smoothing" in hyper and not 0 <= hyper["label_smoothing"] < 0.5:
+        raise ConfigError(f"loss.params.label_smoothing: must be in [0, 0.5), got {hyper['label_smoothing']}")
+    problem = spec.check(hyper) if spec.check is not None else None
+    if problem:
+        raise ConfigError(problem)
+    modifiers = {"loss.weighting": loss.weighting != "none", "loss.ld_alpha": loss.ld_alpha != 1.0,
+                 "loss.divergence": loss.divergence != "reverse_kl"}
+    for key, on in modifiers.items():
+        if on and spec.unpaired:
+            raise ConfigError(f"{key}: applies to paired losses; {loss.name!r} trains on unpaired data")
+    if loss.divergence != "reverse_kl" and not spec.needs_reference:
+        raise ConfigError(f"loss.divergence: changes the log-ratio to a reference; {loss.name!r} has none")
+    if loss.ref_sync != "none" and not spec.needs_reference:
+        raise ConfigError(f"loss.ref_sync: {loss.name!r} uses no reference model to update")
+    if spec.kl_estimate and cfg.train.batch_size < 2:
+        raise ConfigError(f"train.batch_size: {loss.name!r} estimates its KL term from mismatched pairs "
+                          "within a batch, which needs batch_size >= 2")

@@ -33,15 +33,57 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from preftune import data
-from preftune.config import Config, PerfConfig, reference_mode
+from preftune.config import Config, ConfigError, PerfConfig
 from preftune.data import Batch, TokenizedPair
 from preftune.logps import SequenceLogps, batch_logps
+from preftune.losses import LOSSES
 from preftune.modeling import apply_speedups, load_model
 
 CACHE_FORMAT = 1  # bump when the meaning of a cached number changes
 
 
-resolve_mode = reference_mode  # the concrete mode `auto` stands for (defined beside its validation)
+def resolve_mode(cfg: Config) -> str:
+    """The concrete reference mode: `auto` resolved, `none` whenever nothing uses a reference."""
+    if cfg.train.stage == "sft" or not LOSSES[cfg.loss.name].needs_reference:
+        return "none"
+    if cfg.reference.mode != "auto":
+        return cfg.reference.mode
+    if cfg.reference.path:
+        return "path"
+    if cfg.lora.enabled and not cfg.model.adapter_path:
+        return "adapters_off"  # fresh adapters start at zero: the base is exactly the starting policy
+    return "copy"
+
+
+def validate(cfg: Config) -> None:
+    """The reference settings against what the loss needs (config.validate has checked the rest)."""
+    spec = LOSSES[cfg.loss.name]
+    mode = cfg.reference.mode
+    if cfg.train.stage == "sft" or not spec.needs_reference:
+        if mode not in ("auto", "none"):
+            raise ConfigError(f"reference.mode={mode!r} but {cfg.train.stage!r} with loss {cfg.loss.name!r} "
+                              "uses no reference; leave it auto or set none")
+        return
+    if mode == "none":
+        raise ConfigError(f"reference.mode='none' but loss {cfg.loss.name!r} needs a reference; choose from "
+                          "['auto', 'copy', 'precomputed', 'adapters_off', 'path'], or a reference-free loss")
+    resolved = resolve_mode(cfg)
+    if resolved == "precomputed":
+        # the table holds one summed log-prob per response of each pair, fixed before training
+        if spec.unpaired:
+            raise ConfigError(f"reference.mode='precomputed': {cfg.loss.name!r} also scores mismatched "
+                              "completions that depend on each batch; use copy, path or adapters_off")
+        if cfg.train.eval_every > 0:
+            raise ConfigError("reference.mode='precomputed' with train.eval_every > 0: held-out eval and its KL "
+                              "run the reference on rows the table does not hold; use copy, or evaluate "
+                              "afterwards with `preftune eval` (it rebuilds the reference)")
+        if cfg.loss.ld_alpha != 1.0:
+            raise ConfigError("reference.mode='precomputed': loss.ld_alpha needs per-token reference "
+                              "log-probs, which the table does not keep; use copy, path or adapters_off")
+    if cfg.loss.ref_sync != "none" and (resolved not in ("copy", "path") or (resolved == "path" and cfg.lora.enabled)):
+        raise ConfigError(f"loss.ref_sync={cfg.loss.ref_sync!r} updates the reference from the policy, so the "
+                          f"reference must be a separate model of the same shape: set reference.mode='copy' "
+                          f"(resolved mode is {resolved!r})")
 
 
 def pair_key(pair: TokenizedPair) -> tuple[tuple[int, ...], ...]:
@@ -103,7 +145,7 @@ class Reference:
 
         A precomputed table answers by pair, so it needs `batch_pairs` (the pairs the rows come from, in
         order), and it holds sums only: its token fields are None (WPO reads only the policy's tokens;
-        config.validate keeps the table away from LD-DPO, which would need the reference's)."""
+        reference.validate keeps the table away from LD-DPO, which would need the reference's)."""
         if self.mode == "none":
             return None
         if self.table is not None:
@@ -139,7 +181,7 @@ class Reference:
     def as_module(self) -> torch.nn.Module | None:
         """The reference as a module for code that runs it on arbitrary rows or samples (held-out eval, KL):
         the frozen model, or the policy wrapped so that every call runs with its adapters off; None without
-        a reference. A precomputed table has no module (config.validate refuses in-training eval with it)."""
+        a reference. A precomputed table has no module (validate refuses in-training eval with it)."""
         if self.mode == "none":
             return None
         if self.table is not None:

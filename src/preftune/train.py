@@ -23,8 +23,10 @@ from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sin
 from preftune.config import Config, OptimConfig
 from preftune.logps import batch_logps, sequence_logps
 from preftune.losses import RunningMean, UnpairedLogps, bind, pair_logps
+from preftune.losses import validate as validate_loss
 from preftune.modeling import apply_speedups, load_model, load_tokenizer
 from preftune.reference import Reference
+from preftune.reference import validate as validate_reference
 
 # metrics that are means over the step's examples, each summed with its own count (KTO's chosen and rejected
 # counts differ); rewards/margins = rewards/chosen - rewards/rejected
@@ -63,8 +65,17 @@ def sync_reference(reference: torch.nn.Module, policy: torch.nn.Module, alpha: f
         ref_param.lerp_(policy_param.to(ref_param.dtype), alpha)
 
 
+def check(cfg: Config) -> None:
+    """Where a config meets the registries: the loss against `LOSSES`, the reference against the loss's needs
+    (config.validate, run on every load, has checked everything that needs no registry). train() runs it
+    first; `preftune iterate` runs it on each round's config before any model loads."""
+    validate_loss(cfg)
+    validate_reference(cfg)
+
+
 def train(cfg: Config) -> Path:
     """Train the policy the config describes; returns the run directory (export in `final/`)."""
+    check(cfg)
     # Accelerate only runs several CPU processes (gloo) when told the run is on CPU
     cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only)

@@ -33,7 +33,7 @@ from preftune.data.records import (
     to_record,
 )
 from preftune.data.sources import content_hash, read_rows
-from preftune.data.tokenize import TokenizedPair, TokenizedUnpaired, encode_records, truncate
+from preftune.data.tokenize import TokenizedPair, TokenizedUnpaired, chat_template_of, encode_records, truncate
 
 CHUNK = 1024  # records tokenised per batched tokenizer call: big enough to keep every core busy
 CACHE_VERSION = 1  # bump when tokenisation changes, so old cache entries are never read
@@ -149,18 +149,6 @@ class PairStore(Sequence[TokenizedPair]):
             arrays[f"{role}_ids"] = np.concatenate(parts[role]).astype(np.int32, copy=False)
             arrays[f"{role}_offsets"] = np.cumsum(np.asarray(sizes[role], dtype=np.int64))
         return cls(arrays, sources)
-
-
-def chat_template_of(cfg: DataConfig) -> str | None:
-    """data.chat_template: a .jinja file's text, the template itself, or None for the tokenizer's own."""
-    if not cfg.chat_template:
-        return None
-    if "{{" in cfg.chat_template or "{%" in cfg.chat_template:
-        return cfg.chat_template  # Jinja text; a file name never holds these
-    path = Path(cfg.chat_template)
-    if not path.is_file():
-        raise DataError(f"data.chat_template: {cfg.chat_template!r} is neither a Jinja template nor a file")
-    return path.read_text()
 
 
 def _eval_side(key: str, fraction: float) -> bool:

@@ -158,6 +158,11 @@ def _text(row: dict[str, Any], name: str, where: str, role: str) -> Text:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+def prompt_text(row: dict[str, Any], where: str) -> Text:
+    """A row's `prompt` field, checked as training checks it (text, or a list of messages)."""
+    return _text(row, "prompt", where, "user")
+
+
 def _encodable(value: str, name: str, where: str) -> str:
     """JSON allows an unpaired surrogate ("\\ud800"); no tokenizer can encode one, so say where it is."""
     try:

@@ -9,6 +9,7 @@ the generation prompt added, the response as the text the template adds after it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from preftune.config import DataConfig
 from preftune.data.records import DataError, Example, Messages, PairRecord, RecordProblem, Text, UnpairedRecord
@@ -185,10 +186,20 @@ def encode_records(records: list[PairRecord | UnpairedRecord | Example], tokeniz
     return out
 
 
+def chat_template_of(cfg: DataConfig) -> str | None:
+    """data.chat_template: a .jinja file's text, the template itself, or None for the tokenizer's own."""
+    if not cfg.chat_template:
+        return None
+    if "{{" in cfg.chat_template or "{%" in cfg.chat_template:
+        return cfg.chat_template  # Jinja text; a file name never holds these
+    path = Path(cfg.chat_template)
+    if not path.is_file():
+        raise DataError(f"data.chat_template: {cfg.chat_template!r} is neither a Jinja template nor a file")
+    return path.read_text()
+
+
 def tokenize_pair(rec: PairRecord, tokenizer, cfg: DataConfig) -> tuple[TokenizedPair, bool]:
     """Token ids of one pair and whether it had to be truncated (see `truncate`)."""
-    from preftune.data.load import chat_template_of  # late: load imports this module
-
     (encoded,) = encode_records([rec], tokenizer, chat_template_of(cfg))
     if isinstance(encoded, RecordProblem):
         raise encoded

