@@ -59,6 +59,21 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _iterate(args: argparse.Namespace) -> int:
+    from preftune.online import iterate
+
+    cfg = config.load(args.config, args.overrides)
+    out = iterate(cfg)
+    print(f"rounds: {out / 'rounds.jsonl'}")
+    return 0
+
+
+def section_reference(*sections: str) -> str:
+    """The keys of some config sections with defaults and meanings, for a command's --help."""
+    return "\n".join(f"  {key} = {default!r}\n" + textwrap.indent(textwrap.fill(doc, 90), "      ")
+                     for key, default, doc in config_keys() if key.split(".")[0] in sections)
+
+
 def _export(args: argparse.Namespace) -> int:
     from preftune import lora
 
@@ -192,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 lora.enabled=true")
     p.set_defaults(func=_sft)
+
+    p = sub.add_parser(
+        "iterate", help="online / iterative DPO: rounds of sample -> judge -> pair -> train from the current policy",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Each round takes iterate.prompts_per_round fresh prompts from iterate.prompts, samples "
+        "iterate.samples_per_prompt completions per prompt from the current policy, scores them with the judge "
+        "(judge.*), pairs them (iterate.pairing, iterate.margin), trains the round with loss.name, and evaluates "
+        "on held-out prompts. One record per round goes to <run dir>/rounds.jsonl. Run the same command again "
+        "after an interruption and it continues from the last finished phase (docs/iterate.md).\n\nexample:\n"
+        "  preftune iterate configs/hh_iterate.yaml iterate.rounds=2 judge.name=reward_model judge.path=RM_DIR",
+        epilog="iterate and judge keys (the other sections: `preftune train --help`):\n"
+        + section_reference("iterate", "judge"))
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. iterate.rounds=5 loss.beta=0.2")
+    p.set_defaults(func=_iterate)
 
     p = sub.add_parser("export", help="merge a LoRA run's trained adapter into a full HF model",
                        description="A LoRA run saves its adapter alone in RUN_DIR/final (load it with peft on the "

@@ -37,17 +37,20 @@ class Samples:
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[str], *, n_per_prompt: int = 1, max_new_tokens: int = 24,
            temperature: float = 1.0, batch_size: int = 64, seed: int = 0, progress: bool = True,
-           desc: str = "sample", top_p: float = 1.0, synced_gpus: bool = False) -> Samples:
+           desc: str = "sample", top_p: float = 1.0, synced_gpus: bool = False,
+           prompt_ids: Sequence[list[int]] | None = None) -> Samples:
     """Sample `n_per_prompt` completions of up to `max_new_tokens` for every prompt (pure ancestral sampling:
     no top-k/top-p, so the samples follow the model's distribution and the KL estimate below is unbiased).
 
     temperature 0 means greedy decoding. Rows are left-padded; generation stops early once every row of a
     batch has sampled EOS. top_p < 1 samples from the nucleus only (a KL from such samples is biased).
     synced_gpus keeps every process stepping until all are done: under FSDP each forward is a collective.
+    `prompt_ids`: the prompts already encoded (e.g. rendered with a chat template); default: encode `prompts`.
     """
     was_training = model.training
     model.eval()
-    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    prompt_ids = [list(ids) for ids in prompt_ids] if prompt_ids is not None else \
+        [encode_prompt(tokenizer, p) for p in prompts]
     rows = [ids for ids in prompt_ids for _ in range(n_per_prompt)]  # (P * n,)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     generator_state = torch.random.get_rng_state()
