@@ -106,7 +106,7 @@ class ChatJudge:
     def _ask(self, body: dict, parse) -> tuple[object | None, str]:
         """(parsed reply, "") or (None, why) after judge.retries further tries. A malformed reply is retried
         like a timeout; only valid replies are cached."""
-        key = hashlib.sha256(json.dumps([self.endpoint, body], sort_keys=True).encode()).hexdigest()
+        key = self._key(body)
         if key in self.cache:
             return parse(self.cache[key]), ""
         why = ""
@@ -129,26 +129,40 @@ class ChatJudge:
                 why = (f"malformed reply {text[:60]!r}" if text is not None
                        else "reply without choices[0].message.content")
                 continue
-            self.cache[key] = text
-            if self.cache_path is not None:
-                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-                with self.cache_path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "reply": text}) + "\n")
+            self._remember(key, text)
             return value, ""
         return None, why
+
+    def _key(self, body: dict) -> str:
+        return hashlib.sha256(json.dumps([self.endpoint, body], sort_keys=True).encode()).hexdigest()
+
+    def _remember(self, key: str, text: str) -> None:
+        """Keep a valid reply, in memory and (appended, flushed at once) in the cache file."""
+        if key in self.cache:
+            return
+        self.cache[key] = text
+        if self.cache_path is not None:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.cache_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "reply": text}) + "\n")
 
     # --- eval: policy vs reference ---
 
     def first_is_better(self, prompt: str, first: str, second: str) -> float:
         """1 if the judge prefers `first` (shown as A), 0 if `second`, 0.5 if it named neither."""
-        reply = self._post(self._pairwise_body(prompt, first, second))
-        text = _content(reply)
-        if text is None:
-            raise JudgeError(f"judge endpoint {self.endpoint} returned no choices[0].message.content")
+        body = self._pairwise_body(prompt, first, second)
+        key = self._key(body)
+        if key in self.cache:
+            text = self.cache[key]
+        else:
+            text = _content(self._post(body))
+            if text is None:
+                raise JudgeError(f"judge endpoint {self.endpoint} returned no choices[0].message.content")
         letter = _letter(text)
         if letter is None:
             self.invalid += 1
             return 0.5
+        self._remember(key, text)
         return 1.0 if letter == "A" else 0.0
 
     def policy_wins(self, prompts: list[str], policy: list[str], reference: list[str]) -> np.ndarray:
