@@ -16,8 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from preftune import config, data
 from preftune.config import DataConfig
 from preftune.demo import FULL, QUICK, Settings, assets, main, pairs, prompts, report, run
-from preftune.demo.reward import SentimentClassifier, load_or_train, train_classifier
-from preftune.evaluate import Comparison, Samples
+from preftune.evaluate import Comparison
+from preftune.judges.sentiment import SentimentClassifier, load_or_train, train_classifier
 from preftune.modeling import byte_tokenizer
 
 from .conftest import read_metrics
@@ -107,40 +107,10 @@ def test_sft_examples_continue_the_prefix_up_to_a_sentence_end():
     assert [r["prompt"] for r in got] == prompts.make_prompts(reviews[:2], seed=3)
 
 
-# --- pairs ---
-
-def _samples(completions: list[str], n: int) -> Samples:
-    num_prompts = len(completions) // n
-    return Samples([f"p{i}" for i in range(num_prompts)], n, [[1]] * num_prompts, [[2]] * len(completions),
-                   completions)
-
-
-def test_pairs_all_distinct_pairs_ordered_by_reward_widest_first():
-    s = _samples(["a", "b", "c", "d", "e", "f"], n=3)
-    rewards = [0.9, 0.1, 0.5, 0.2, 0.2, 0.7]
-    got = pairs.make_pairs(s, rewards, max_pairs_per_prompt=6)
-    first = [(r["chosen"], r["rejected"]) for r in got if r["prompt"] == "p0"]
-    assert first == [("a", "b"), ("a", "c"), ("c", "b")]  # gaps 0.8, 0.4, 0.4: all 3 pairs of 3 samples
-    second = [(r["chosen"], r["rejected"]) for r in got if r["prompt"] == "p1"]
-    assert second == [("f", "d"), ("f", "e")]  # d and e tie: no preference, no pair
-    assert all(r["reward_chosen"] > r["reward_rejected"] for r in got)
-    capped = pairs.make_pairs(s, rewards, max_pairs_per_prompt=1)
-    assert [(r["chosen"], r["rejected"]) for r in capped] == [("a", "b"), ("f", "d")]
-    assert len(pairs.make_pairs(s, rewards, min_gap=0.45)) == 3  # a>b 0.8, f>d 0.5, f>e 0.5
-    assert len(pairs.make_pairs(s, rewards, min_gap=0.6)) == 1
-
-
-def test_pairs_skip_identical_texts_and_need_one_reward_per_sample():
-    s = _samples(["same", " same", "x"], n=3)
-    got = pairs.make_pairs(s, [0.9, 0.1, 0.5])
-    assert ("same", " same") not in [(r["chosen"], r["rejected"]) for r in got]
-    with pytest.raises(ValueError, match="2 rewards for 3 samples"):
-        pairs.make_pairs(s, [0.1, 0.2])
-
+# --- pairs (the rule itself is iterate's: tests/test_iterate.py) ---
 
 def test_pairs_jsonl_reads_back_with_the_trainers_reader(tmp_path):
-    s = _samples(["good one", "bad one"], n=2)
-    path = pairs.write_jsonl(pairs.make_pairs(s, [0.8, 0.3]), tmp_path / "p.jsonl")
+    path = pairs.write_jsonl([{"prompt": "p", "chosen": "good one", "rejected": "bad one"}], tmp_path / "p.jsonl")
     tok = byte_tokenizer()
     loaded, rep = data.load_pairs(path, tok, DataConfig(max_length=64, max_prompt_length=32))
     assert rep.used == 1 and rep.skipped == []
@@ -234,15 +204,17 @@ def test_pipeline_end_to_end_on_tiny_model(tmp_path, monkeypatch, tiny_model_dir
     assert [c["round"] for c in saved["training_curve"]] == [0, 1, 2]
     assert saved["training_curve"][0]["kl"] == 0.0 and saved["steps"] > 0
     assert len(saved["eval_samples"]) == 12
-    for name in ("training.png", "reward_vs_kl.png", "samples.md", "pairs-round1.jsonl", "pairs-round2.jsonl"):
+    for name in ("training.png", "reward_vs_kl.png", "samples.md", "iterate/round-1/pairs.jsonl",
+                 "iterate/round-2/pairs.jsonl", "iterate/rounds.jsonl"):
         assert (out / name).is_file(), name
-    assert (out / "train" / "round2" / "final" / "model.safetensors").is_file()
+    assert (out / "iterate" / "round-2" / "train" / "final" / "model.safetensors").is_file()
     # the HTML report (preftune report's writer) embeds the plots and holds the evaluation and the samples
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3 and "win rate over reference" in page
     assert html.escape(saved["eval_samples"][0]["policy"]) in page
-    # round 2 starts from round 1's export
-    assert str(out / "train" / "round1" / "final") in (out / "train" / "round2" / "config.yaml").read_text()
+    # the rounds are preftune iterate's: round 2 starts from round 1's export
+    assert str(out / "iterate" / "round-1" / "train" / "final") in \
+        (out / "iterate" / "round-2" / "train" / "config.yaml").read_text()
 
 
 def test_sft_model_is_the_starting_policy_and_the_dpo_reference(tmp_path, monkeypatch, tiny_model_dir):
@@ -265,9 +237,9 @@ def test_sft_model_is_the_starting_policy_and_the_dpo_reference(tmp_path, monkey
     # DPO round 1 starts from the SFT model and scores against it: before the first update the policy equals
     # its reference, so the logged implicit rewards of step 1 are zero (against the original model they
     # would not be)
-    round1 = config.load(out / "train" / "round1" / "config.yaml")
+    round1 = config.load(out / "iterate" / "round-1" / "train" / "config.yaml")
     assert round1.model.path == str(sft_dir) and round1.reference.path == ""
-    first = read_metrics(out / "train" / "round1")[0]
+    first = read_metrics(out / "iterate" / "round-1" / "train")[0]
     assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
     assert first["rewards/rejected"] == pytest.approx(0, abs=1e-6)
 
@@ -283,7 +255,7 @@ def test_sft_model_is_the_starting_policy_and_the_dpo_reference(tmp_path, monkey
     # SFT examples are reviews of their own: none is the source of a training or evaluation prompt
     sft_prompts = {json.loads(line)["prompt"] for line in (out / "sft.jsonl").read_text().splitlines()}
     used = {e["prompt"] for e in samples} | {json.loads(line)["prompt"] for line in
-                                            (out / "pairs-round1.jsonl").read_text().splitlines()}
+                                            (out / "iterate" / "round-1" / "pairs.jsonl").read_text().splitlines()}
     assert len(sft_prompts) > 20 and not sft_prompts & used
 
 
@@ -313,7 +285,7 @@ def test_real_model_few_steps(tmp_path):
     assert np.isfinite(kl)
     prompts_used = {s["prompt"] for s in results["eval_samples"]}
     train_prompts = {json.loads(line)["prompt"]
-                     for line in (tmp_path / "demo" / "pairs-round1.jsonl").read_text().splitlines()}
+                     for line in (tmp_path / "demo" / "iterate" / "round-1" / "pairs.jsonl").read_text().splitlines()}
     assert not prompts_used & train_prompts
     tok_dir = assets.model_dir()
     assert (tok_dir / "model.safetensors").is_file() and (tok_dir / "tokenizer.json").is_file()

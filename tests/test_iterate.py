@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -68,19 +67,20 @@ def test_conversational_prompts_get_assistant_turns():
     assert records[0]["chosen"] == [{"role": "assistant", "content": "hello!"}]
 
 
-def test_the_demos_rule_is_all_pairs_with_margin_zero():
-    """The demo's former pairing (all untied pairs, widest gap first, 6 per prompt) is all_pairs, margin 0."""
-    from preftune.demo import pairs as demo_pairs
-    from preftune.evaluate import Samples
-
-    rng = np.random.default_rng(0)
-    texts = [f"t{i % 5}" for i in range(32)]
-    scores = rng.integers(0, 4, size=32).astype(float)
-    samples = Samples([f"p{i}" for i in range(4)], 8, [[0]] * 4, [[1]] * 32, texts)
-    ours, _ = make_pairs(samples.prompts, texts, scores, 8, rule="all_pairs", max_per_prompt=6)
-    assert demo_pairs.make_pairs(samples, scores, max_pairs_per_prompt=6) == \
-        [{**{k: r[k] for k in ("prompt", "chosen", "rejected")}, "reward_chosen": r["score_chosen"],
-          "reward_rejected": r["score_rejected"]} for r in ours]
+def test_all_pairs_with_margin_zero_is_the_dpo_papers_imdb_rule():
+    """Every two samples with different scores (4 samples -> up to 6 pairs), widest gap first; the demo's rule."""
+    texts, scores = ["a", "b", "c", "d", "e", "f"], [0.9, 0.1, 0.5, 0.2, 0.2, 0.7]
+    got, counts = make_pairs(["p0", "p1"], texts, scores, 3, rule="all_pairs", max_per_prompt=6)
+    first = [(r["chosen"], r["rejected"]) for r in got if r["prompt"] == "p0"]
+    assert first == [("a", "b"), ("a", "c"), ("c", "b")]  # gaps 0.8, 0.4, 0.4: all 3 pairs of 3 samples
+    second = [(r["chosen"], r["rejected"]) for r in got if r["prompt"] == "p1"]
+    assert second == [("f", "d"), ("f", "e")] and counts.ties == 1  # d and e tie: no preference, no pair
+    capped, counts = make_pairs(["p0", "p1"], texts, scores, 3, rule="all_pairs", max_per_prompt=1)
+    assert [(r["chosen"], r["rejected"]) for r in capped] == [("a", "b"), ("f", "d")] and counts.over_cap == 3
+    assert len(make_pairs(["p0", "p1"], texts, scores, 3, rule="all_pairs", margin=0.45)[0]) == 3  # 0.8, 0.5, 0.5
+    assert len(make_pairs(["p0", "p1"], texts, scores, 3, rule="all_pairs", margin=0.6)[0]) == 1
+    with pytest.raises(ValueError, match="2 scores for 2 prompts x 3"):
+        make_pairs(["p0", "p1"], texts, scores[:2], 3)
 
 
 # --- end to end on a tiny random model ---

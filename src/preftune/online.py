@@ -154,7 +154,10 @@ def split_prompts(cfg: Config) -> tuple[list[Text], list[Text]]:
     if it.eval_prompts:
         held_out = load_prompts(it.eval_prompts, cfg.data)[:it.num_eval_prompts]
         held = {repr(p) for p in held_out}
-        prompts = [p for p in prompts if repr(p) not in held]  # a prompt in both files is never trained on
+        shared = sum(repr(p) in held for p in prompts[:it.rounds * it.prompts_per_round])
+        if shared:
+            print(f"iterate: {shared} training prompt(s) of {it.prompts!r} also appear in the held-out "
+                  f"{it.eval_prompts!r}", flush=True)
     else:
         cut = len(prompts) - it.num_eval_prompts
         prompts, held_out = prompts[:max(cut, 0)], prompts[max(cut, 0):]
@@ -399,8 +402,9 @@ class Rounds:
                                          [s["completion"] for s in baseline["samples"]], ev.n_per_prompt,
                                          level=ev.level, n_boot=ev.n_boot, seed=ev.seed)
             result["vs_initial"] = verdict.summary
-        result["samples"] = [{"prompt": p, "completion": c, "score": s, "kl": float(d)} for p, c, s, d in
-                             zip(per_sample_prompts, samples.completions, _nan_to_none(scores), kl, strict=True)]
+        result["samples"] = [{"prompt": p, "completion": c, "completion_ids": ids, "score": s, "kl": float(d)}
+                             for p, c, ids, s, d in zip(per_sample_prompts, samples.completions,
+                                                        samples.completion_ids, _nan_to_none(scores), kl, strict=True)]
         return result
 
 

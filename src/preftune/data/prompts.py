@@ -25,11 +25,11 @@ from preftune.data.sources import read_rows
 
 
 def load_prompts(source: str | Path, cfg: DataConfig, *, split: str = "") -> list[Text]:
-    """Distinct prompts of `source` in file order. Malformed records stop the load, the first few listed as
-    file:line: field: problem, unless data.skip_invalid (then they are left out)."""
+    """Every record's prompt, in file order (a prompt written twice is sampled twice, as the file says).
+    Malformed records stop the load, the first few listed as file:line: field: problem, unless
+    data.skip_invalid (then they are left out)."""
     source = str(source)
     prompts: list[Text] = []
-    seen: set[str] = set()
     problems: list[RecordProblem] = []
     records = 0
     for where, row in read_rows(source, cfg.format, split or cfg.split, cfg.subset):
@@ -43,10 +43,7 @@ def load_prompts(source: str | Path, cfg: DataConfig, *, split: str = "") -> lis
             if problem.invalid:
                 problems.append(problem)
             continue
-        key = repr(prompt)
-        if key not in seen:
-            seen.add(key)
-            prompts.append(prompt)
+        prompts.append(prompt)
     if problems and not cfg.skip_invalid:
         listed = "; ".join(str(p) for p in problems[:5]) + ("; ..." if len(problems) > 5 else "")
         raise DataError(f"{source}: {len(problems)} invalid record(s) of {records}: {listed} (data.skip_invalid="

@@ -7,9 +7,11 @@ run(settings) top to bottom:
   sft         (--sft) supervised fine-tuning on IMDB review continuations with `preftune.train.train`; the
               SFT model is then both the starting policy and the DPO reference, as in the paper
   baseline    reference samples on held-out prompts (and, after SFT, the original model's too)
-  rounds      sample k completions per fresh training prompt from the current policy, score them, pair them
-              by reward, DPO-train with `preftune.train.train`; the next round samples the updated policy
-  evaluate    policy samples on the held-out prompts: reward, win rate, KL, plots, side-by-side samples
+  rounds      `preftune iterate` (preftune.online) with the demo's config (`iterate_config`): sample k
+              completions per fresh training prompt from the current policy, score them with the sentiment
+              judge, pair them by reward, DPO-train; the next round samples the updated policy; the last
+              round's policy is sampled on the held-out prompts
+  evaluate    those samples against the reference's: reward, win rate, KL, plots, side-by-side samples
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +30,9 @@ import torch
 
 from preftune import config, evaluate
 from preftune.demo import assets, pairs, prompts, report
-from preftune.demo.reward import SentimentClassifier, load_or_train
+from preftune.judges import register_reward
+from preftune.judges.sentiment import SentimentClassifier, load_or_train
+from preftune.online import iterate
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,35 @@ def settings_dict(s: Settings) -> dict:
     return dataclasses.asdict(s)
 
 
+def iterate_config(s: Settings, start: Path, tokenizer_dir: Path, out: Path, classifier_dir: Path, progress: bool,
+                   prompts_file: Path, eval_prompts_file: Path, judge: str = "sentiment") -> dict:
+    """The demo as a `preftune iterate` config: its rounds, prompts, sentiment judge and DPO settings."""
+    return {
+        "model": {"path": str(start), "tokenizer": str(tokenizer_dir)},
+        "data": {"max_length": 128, "max_prompt_length": 64},
+        "loss": {"name": "dpo", "beta": s.beta},
+        "optim": {"lr": s.lr, "warmup_steps": s.warmup_steps, "max_grad_norm": 10.0},
+        # copy: the reference the README's numbers were measured with (precomputed gives the same losses up
+        # to float rounding, tests/test_reference.py); round_start: each round against the model it starts
+        # from, as the demo always trained (docs/iterate.md compares the two choices)
+        "reference": {"mode": "copy"},
+        "train": {"output_dir": str(out), "run_name": "iterate", "batch_size": s.batch_size, "epochs": s.epochs,
+                  "seed": s.seed, "progress": progress},
+        # the plain path's numbers, faster: the prompt encoded once per pair, the LM head (49k vocab) on
+        # response tokens only, one fused AdamW kernel (docs/performance.md)
+        "perf": {"prefix_sharing": True, "logps_chunk": 1024, "fused_adamw": True},
+        "judge": {"name": judge, "path": str(classifier_dir)},
+        # the held-out samples: the seed the demo's policy samples always had (the reference's is seed + 10,000)
+        "eval": {"seed": s.seed + 20_000, "n_per_prompt": s.eval_samples},
+        "iterate": {"prompts": str(prompts_file), "eval_prompts": str(eval_prompts_file),
+                    "num_eval_prompts": s.eval_prompts, "rounds": s.rounds, "prompts_per_round": s.prompts_per_round,
+                    "samples_per_prompt": s.samples_per_prompt, "max_new_tokens": s.max_new_tokens,
+                    "temperature": s.temperature, "sample_batch_size": s.sample_batch, "pairing": "all_pairs",
+                    "margin": 0.0, "max_pairs_per_prompt": s.pairs_per_prompt, "reference": "round_start",
+                    "kl_samples": s.curve_samples, "eval_every": s.rounds, "eval_initial": False},
+    }
+
+
 class Clock:
     """Wall and CPU seconds per phase: on a shared machine CPU time shows how much of the wall was ours."""
 
@@ -153,8 +187,9 @@ def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
         reviews, classifier_train=s.classifier_reviews, classifier_test=2000,
         train_prompts=s.rounds * s.prompts_per_round, eval_prompts=s.eval_prompts,
         sft=s.sft_examples if s.sft else 0, seed=s.seed)
+    classifier_dir = assets.cache_dir() / f"sentiment-{s.classifier_reviews}-seed{s.seed}"
     classifier: SentimentClassifier = load_or_train(
-        assets.cache_dir() / f"sentiment-{s.classifier_reviews}-seed{s.seed}", [r.text for r in split.classifier_train],
+        classifier_dir, [r.text for r in split.classifier_train],
         [r.label for r in split.classifier_train], [r.text for r in split.classifier_test],
         [r.label for r in split.classifier_test])
     print(f"reward classifier: {classifier.accuracy:.1%} held-out accuracy ({classifier.num_test} reviews)")
@@ -194,67 +229,49 @@ def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
                                     seed=s.seed + 10_000, desc="original", **sampling)
         orig_eval_rewards = score(orig_eval.completions)
         print(f"original model mean reward {orig_eval_rewards.mean():.3f}")
+    del reference  # iterate loads the models it needs
 
-    # --- rounds: sample, score, pair, train ---
-    policy, policy_dir = reference, reference_dir
+    # --- rounds: `preftune iterate` with the demo's settings (sample, score, pair, train; then evaluate) ---
+    clock.phase(f"{s.rounds} round(s) of preftune iterate: {s.samples_per_prompt} samples x "
+                f"{s.prompts_per_round} prompts each")
+    judge_name = "sentiment"
+    if reward is not None:  # tests: a reward of their own in place of the classifier
+        judge_name = "demo-reward"
+        register_reward(judge_name, lambda prompts, completions: reward(completions))
+    iterate_dir = out / "iterate"
+    shutil.rmtree(iterate_dir, ignore_errors=True)  # the demo's outputs are replaced on each run
+    cfg = config.from_dict(iterate_config(s, reference_dir, base_dir, out, classifier_dir, progress,
+                                          pairs.write_jsonl([{"prompt": p} for p in train_prompts],
+                                                            out / "prompts.jsonl"),
+                                          pairs.write_jsonl([{"prompt": p} for p in eval_prompts],
+                                                            out / "eval_prompts.jsonl"), judge_name))
+    iterate(cfg, progress=progress)
+    rounds = [json.loads(line) for line in (iterate_dir / "rounds.jsonl").read_text().splitlines()]
     curve: list[dict] = []
     step_rows: list[dict] = []
     total_steps = 0
-    for rnd in range(s.rounds):
-        clock.phase(f"round {rnd + 1}/{s.rounds}: sample {s.samples_per_prompt} completions x "
-                    f"{s.prompts_per_round} prompts")
-        round_prompts = train_prompts[rnd * s.prompts_per_round:(rnd + 1) * s.prompts_per_round]
-        samples = evaluate.sample(policy, tokenizer, round_prompts, n_per_prompt=s.samples_per_prompt,
-                                  seed=s.seed + rnd, desc=f"round {rnd + 1} samples", **sampling)
-        rewards = score(samples.completions)
-        mean, low, high = evaluate.bootstrap_ci(evaluate.per_prompt_mean(rewards, s.samples_per_prompt))
-        kl = 0.0
-        if policy is not reference and s.curve_samples > 0:
-            subset = _first_per_prompt(samples, s.curve_samples)
-            kl = float(np.mean(evaluate.sequence_kl(policy, reference, subset, pad_id=pad_id)))
-        curve.append({"round": rnd, "step": total_steps, "reward": mean, "reward_low": low, "reward_high": high,
-                      "kl": kl})
-        print(f"samples of the current policy: mean reward {mean:.3f} [{low:.3f}, {high:.3f}], KL {kl:.2f}")
-        records = pairs.make_pairs(samples, rewards, max_pairs_per_prompt=s.pairs_per_prompt)
-        if not records:
-            raise RuntimeError(f"round {rnd + 1}: all {len(samples)} samples of each prompt scored alike, so "
-                               "no preference pair could be formed; sample more per prompt")
-        pairs_path = pairs.write_jsonl(records, out / f"pairs-round{rnd + 1}.jsonl")
-        gap = np.mean([r["reward_chosen"] - r["reward_rejected"] for r in records])
-        print(f"{len(records)} pairs -> {pairs_path} (mean reward gap {gap:.3f})")
-
-        clock.phase(f"round {rnd + 1}/{s.rounds}: DPO on {len(records)} pairs")
-        cfg = config.from_dict({
-            "model": {"path": str(policy_dir), "tokenizer": str(base_dir)},
-            "data": {"train": str(pairs_path), "max_length": 128, "max_prompt_length": 64},
-            "loss": {"name": "dpo", "beta": s.beta},
-            "optim": {"lr": s.lr, "warmup_steps": s.warmup_steps if rnd == 0 else 0, "max_grad_norm": 10.0},
-            "train": {"output_dir": str(out / "train"), "run_name": f"round{rnd + 1}", "overwrite": True,
-                      "batch_size": s.batch_size, "epochs": s.epochs, "seed": s.seed + rnd,
-                      "progress": progress},
-            # the plain path's numbers, faster: the prompt encoded once per pair, the LM head (49k vocab) on
-            # response tokens only, one fused AdamW kernel (docs/performance.md)
-            "perf": {"prefix_sharing": True, "logps_chunk": 1024, "fused_adamw": True},
-        })
-        run_dir = train(cfg)
-        for row in _read_jsonl(run_dir / "metrics.jsonl"):
-            step_rows.append({**row, "round": rnd + 1, "step": total_steps + row["step"]})
+    for rec in rounds:
+        sampled = rec["sample_score"]  # the round's own samples: the current policy on its training prompts
+        curve.append({"round": rec["round"] - 1, "step": total_steps, "reward": sampled["mean"],
+                      "reward_low": sampled["low"], "reward_high": sampled["high"],
+                      "kl": rec["sample_kl_to_initial"] or 0.0})
+        for row in _read_jsonl(Path(rec["train"]["run_dir"]) / "metrics.jsonl"):
+            step_rows.append({**row, "round": rec["round"], "step": total_steps + row["step"]})
         total_steps = step_rows[-1]["step"] if step_rows else total_steps
-        if policy is not reference:
-            del policy
-        policy_dir = run_dir / "final"
-        policy = load_lm(policy_dir)
+    policy_dir = Path(rounds[-1]["policy"])
 
-    # --- evaluate the final policy on the held-out prompts ---
-    clock.phase(f"policy samples on {len(eval_prompts)} held-out prompts, KL")
-    pol_eval = evaluate.sample(policy, tokenizer, eval_prompts, n_per_prompt=s.eval_samples,
-                               seed=s.seed + 20_000, desc="policy", **sampling)
-    pol_eval_rewards = score(pol_eval.completions)
-    kl_per_sample = evaluate.sequence_kl(policy, reference, pol_eval, pad_id=pad_id)
+    # --- evaluate: the last round's held-out samples, against the reference's on the same prompts ---
+    clock.phase("compare with the reference")
+    evaluated = json.loads((iterate_dir / f"round-{s.rounds}" / "eval.json").read_text())
+    pol_eval = evaluate.Samples(eval_prompts, s.eval_samples, ref_eval.prompt_ids,
+                                [e["completion_ids"] for e in evaluated["samples"]],
+                                [e["completion"] for e in evaluated["samples"]])
+    pol_eval_rewards = np.array([e["score"] for e in evaluated["samples"]])
+    kl_per_sample = np.array([e["kl"] for e in evaluated["samples"]])
     cmp = evaluate.compare(ref_eval_rewards, pol_eval_rewards, kl_per_sample, s.eval_samples, seed=s.seed)
     vs_original = cmp  # without SFT the reference is the original model
     if s.sft:
-        kl_original = evaluate.sequence_kl(policy, original, pol_eval, pad_id=pad_id)
+        kl_original = evaluate.sequence_kl(load_lm(policy_dir), original, pol_eval, pad_id=pad_id)
         vs_original = evaluate.compare(orig_eval_rewards, pol_eval_rewards, kl_original, s.eval_samples,
                                        seed=s.seed)
     curve.append({"round": s.rounds, "step": total_steps, "reward": cmp.policy_reward[0],
