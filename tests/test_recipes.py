@@ -145,3 +145,43 @@ def test_hh_recipe_sft_dpo_and_win_rate_against_the_chosen_responses(tmp_path):
     for row in rows:
         assert row["reference"] == chosen_of[row["prompt"].removeprefix("<bos>")]
         assert row["reference_score"] == len(row["reference"]) and row["policy_score"] == len(row["policy"])
+
+
+def test_hh_iterate_recipe_two_rounds_with_a_tiny_reward_model(tmp_path):
+    """The generic online-DPO path on non-demo data: HH prompts (the hh shape's prompt: the conversation up to
+    the last Assistant turn), a reward-model judge built from a tiny random sequence classifier, 2 rounds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from preftune.modeling import byte_tokenizer
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    rm_config = AutoConfig.for_model("gpt_neox", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024,
+                                     pad_token_id=tok.pad_token_id, num_labels=1)
+    AutoModelForSequenceClassification.from_config(rm_config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    overrides = ["model.path=", f"model.arch={TINY['hh']}", "model.tokenizer=bytes",
+                 f"iterate.prompts={FIXTURES / 'hh_rlhf.jsonl'}",
+                 f"iterate.eval_prompts={FIXTURES / 'hh_rlhf_test.jsonl'}",
+                 "iterate.num_eval_prompts=2", "iterate.rounds=2", "iterate.prompts_per_round=4",
+                 "iterate.samples_per_prompt=3", "iterate.max_new_tokens=8", "iterate.min_pairs=1",
+                 f"judge.path={tmp_path / 'rm'}", "train.batch_size=2", "train.grad_accum=1",
+                 "train.mixed_precision=no", "train.save_every=0", "train.progress=false",
+                 f"train.output_dir={tmp_path / 'runs'}"]
+    assert cli.main(["iterate", str(REPO / "configs" / "hh_iterate.yaml"), *overrides]) == 0
+    out = tmp_path / "runs" / "hh_iterate"
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    first_pair = json.loads((out / "round-1" / "pairs.jsonl").read_text().splitlines()[0])
+    assert first_pair["prompt"].startswith("\n\nHuman: ") and first_pair["prompt"].endswith("\n\nAssistant:")
+    for r in rows:
+        assert r["judge"]["name"] == f"reward_model:{tmp_path / 'rm'}" and r["judge"]["dropped"] == 0
+        assert 1 <= r["pairs"]["built"] <= 4  # best vs worst: at most one pair per prompt
+        assert r["train"]["steps"] >= 1 and r["eval"]["prompts"] == 2
+        assert r["eval"]["vs_initial"]["judge"].startswith("reward_model")
+    # the recipe's reference: the initial model, precomputed once per round
+    round2 = config.load(out / "round-2" / "train" / "config.yaml")
+    assert (round2.reference.mode, round2.reference.path) == ("precomputed", str(out / "initial"))
+    assert round2.optim.warmup_steps == 0 and round2.optim.name == "rmsprop"

@@ -344,8 +344,8 @@ class IterateConfig:
     data.split and data.fields. A record gives its `prompt` (text, or {role, content} messages rendered with the
     chat template), or any preference/SFT shape data.shape reads (HH, TL;DR, ...), whose prompt is taken."""
     eval_prompts: str = ""
-    """Held-out prompt source, same formats (its first `num_eval_prompts`); empty = the last `num_eval_prompts`
-    prompts of `prompts`, which no round trains on."""
+    """Held-out prompt source, same formats, its data.eval_split (its first `num_eval_prompts`); empty = the last
+    `num_eval_prompts` prompts of `prompts`, which no round trains on."""
     num_eval_prompts: int = 64
     """Held-out prompts evaluated after each round (0 = no held-out evaluation)."""
     rounds: int = 3

@@ -152,7 +152,7 @@ def split_prompts(cfg: Config) -> tuple[list[Text], list[Text]]:
     it = cfg.iterate
     prompts = load_prompts(it.prompts, cfg.data)
     if it.eval_prompts:
-        held_out = load_prompts(it.eval_prompts, cfg.data)[:it.num_eval_prompts]
+        held_out = load_prompts(it.eval_prompts, cfg.data, split=cfg.data.eval_split)[:it.num_eval_prompts]
         held = {repr(p) for p in held_out}
         shared = sum(repr(p) in held for p in prompts[:it.rounds * it.prompts_per_round])
         if shared:
