@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preftune.train import PAIR_METRICS, train
+from preftune.losses import PAIR_METRICS
+from preftune.train import train
 
 from .conftest import read_metrics, tiny_config
 

@@ -21,12 +21,14 @@ from preftune.data import DataError, TokenizedPair, collate
 from preftune.data.records import Text
 from preftune.evaluate import Samples, bootstrap_ci, per_prompt_mean, sample, sequence_kl
 from preftune.logps import sequence_logps
-from preftune.losses import BoundLoss, bind, pair_logps
+from preftune.losses import PAIR_METRICS, BoundLoss, bind
+from preftune.losses import score_pairs as score_batch
 from preftune.modeling import load_model, load_tokenizer
+from preftune.reference import starting_reference
 
 # per-pair quantities `score_pairs` returns, in the order the loop logs them
-PAIR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-             "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
+# the training rows' metrics (losses.PAIR_METRICS) and, per pair, the margin between the two rewards
+PAIR_KEYS = (*PAIR_METRICS[:4], "rewards/margins", *PAIR_METRICS[4:])
 REF_KEYS = ("ref_logps/chosen", "ref_logps/rejected")
 T = TypeVar("T")
 
@@ -40,19 +42,6 @@ class Target:
     policy: torch.nn.Module
     reference: torch.nn.Module
     run_dir: Path | None  # None when a bare model directory was given
-
-
-def reference_model(cfg: config.Config, tokenizer) -> torch.nn.Module:
-    """The model a run's policy is compared against, rebuilt from its config: the starting model.
-
-    Never the trained policy (ANCHORS: reference log-probs computed with the trained policy make every
-    reward zero). The one place to extend when the config grows other reference sources: a `reference.path`
-    (e.g. an SFT model) wins; otherwise `model.path`, or `model.arch` initialised with `train.seed`, exactly
-    as `train()` built the starting policy.
-    """
-    from preftune.reference import starting_reference  # late: reference imports the model loaders too
-
-    return starting_reference(cfg, tokenizer)
 
 
 def load_target(path: str | Path, reference: str | Path | None = None) -> Target:
@@ -79,7 +68,8 @@ def load_target(path: str | Path, reference: str | Path | None = None) -> Target
     if reference is not None:
         ref_model = load_model(dataclasses.replace(model_cfg, path=str(reference)), tokenizer).eval()
     else:
-        ref_model = reference_model(cfg, tokenizer)
+        # never the trained policy (ANCHORS: reference log-probs from the trained policy make every reward 0)
+        ref_model = starting_reference(cfg, tokenizer)
     # one process: both models on the GPU when there is one (sampling a multi-billion model on CPU takes days)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Target(cfg, tokenizer, policy.to(device), ref_model.to(device), run_dir)
@@ -187,12 +177,10 @@ def score_pairs(policy: torch.nn.Module, reference: torch.nn.Module | None, pair
             ref_chosen, ref_rejected = sequence_logps(reference, batch, **tokens).halves()
             out["ref_logps/chosen"].append(ref_chosen.logps)
             out["ref_logps/rejected"].append(ref_rejected.logps)
-        lo = loss_fn(pair_logps(chosen, rejected, ref_chosen, ref_rejected))
-        for key, value in zip(PAIR_KEYS, (
-                lo.losses, lo.chosen_rewards, lo.rejected_rewards, lo.accuracies().float(),
-                lo.chosen_rewards - lo.rejected_rewards, chosen.logps, rejected.logps, chosen.mean_logits,
-                rejected.mean_logits), strict=True):
-            out[key].append(value)
+        lo, values = score_batch(loss_fn, chosen, rejected, ref_chosen, ref_rejected)  # as training scores
+        values["rewards/margins"] = lo.chosen_rewards - lo.rejected_rewards
+        for key in PAIR_KEYS:
+            out[key].append(values[key].float())
     policy.train(was_training)
     return {k: torch.cat(v).float() for k, v in out.items()}
 

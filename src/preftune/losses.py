@@ -425,6 +425,30 @@ DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
 WEIGHTINGS = ("none", "wpo")
 
 
+# what the trainer logs of every paired (and KTO) step, and held-out evaluation of every pair: per-example
+# means, each with its own count (KTO's chosen and rejected counts differ); rewards/margins is derived
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
+
+
+def pair_metrics(out: LossOut, policy_chosen: SequenceLogps, policy_rejected: SequenceLogps) -> dict[str, Tensor]:
+    """The per-example values of PAIR_METRICS for one batch: the loss's own view (loss, implicit rewards,
+    accuracy) and the policy's (log-probs and mean logits of each side)."""
+    return {"loss": out.losses, "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
+            "rewards/accuracies": out.accuracies(), "logps/chosen": policy_chosen.logps,
+            "logps/rejected": policy_rejected.logps, "logits/chosen": policy_chosen.mean_logits,
+            "logits/rejected": policy_rejected.mean_logits}
+
+
+def score_pairs(loss_fn: BoundLoss, policy_chosen: SequenceLogps, policy_rejected: SequenceLogps,
+                ref_chosen: SequenceLogps | None = None, ref_rejected: SequenceLogps | None = None,
+                running: RunningMean | None = None) -> tuple[LossOut, dict[str, Tensor]]:
+    """Policy (and reference) log-probs of a batch of pairs -> the loss and its metrics: the one scoring step
+    training and held-out evaluation share, so their numbers can not drift apart."""
+    out = loss_fn(pair_logps(policy_chosen, policy_rejected, ref_chosen, ref_rejected), running)
+    return out, pair_metrics(out, policy_chosen, policy_rejected)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the registry
 # ----------------------------------------------------------------------------------------------------------

@@ -17,21 +17,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sinks
 from preftune.config import Config, OptimConfig
+from preftune.data import Batch
 from preftune.logps import batch_logps, sequence_logps
-from preftune.losses import RunningMean, UnpairedLogps, bind, pair_logps
+from preftune.losses import BoundLoss, RunningMean, UnpairedLogps, bind, pair_metrics, score_pairs
 from preftune.losses import validate as validate_loss
 from preftune.modeling import apply_speedups, load_model, load_tokenizer
 from preftune.reference import Reference
 from preftune.reference import validate as validate_reference
-
-# metrics that are means over the step's examples, each summed with its own count (KTO's chosen and rejected
-# counts differ); rewards/margins = rewards/chosen - rewards/rejected
-PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
 
 
 def lr_factor(step: int, total: int, optim: OptimConfig) -> float:
@@ -63,6 +60,90 @@ def sync_reference(reference: torch.nn.Module, policy: torch.nn.Module, alpha: f
     alpha = 1 is the hard update (ref <- policy)."""
     for ref_param, policy_param in zip(reference.parameters(), policy.parameters(), strict=True):
         ref_param.lerp_(policy_param.to(ref_param.dtype), alpha)
+
+
+# --- one micro-batch of each stage ---
+
+Forward = tuple[Tensor, dict[str, Tensor], Batch]
+"""(per-example losses (B,), per-example metric values by name, the batch)"""
+
+
+def sft_forward(policy: torch.nn.Module, examples: list, pad_id: int, device) -> Forward:
+    """SFT: the mean-token NLL of each example's response."""
+    batch = sft.collate(examples, pad_id).to(device)
+    losses, values = sft.step(policy, batch)
+    return losses, values, batch
+
+
+def paired_forward(policy: torch.nn.Module, reference: Reference, pairs: list, loss_fn: BoundLoss,
+                   running: RunningMean | None, cfg: Config, pad_id: int, device) -> Forward:
+    """DPO and family: one policy forward over chosen||rejected in the perf.* layout, the reference's rows,
+    then the scoring step held-out evaluation shares (losses.score_pairs)."""
+    batch = data.lay_out(pairs, pad_id, cfg.perf).to(device)
+    tokens = dict(with_tokens=loss_fn.needs_token_logps)  # LD-DPO and WPO read per-token log-probs
+    policy_chosen, policy_rejected = batch_logps(
+        policy, batch, cfg.perf.logps_chunk, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()
+    ref_rows = reference.scores(batch, pairs, **tokens)  # (2B,) rows; None: no reference
+    ref_chosen, ref_rejected = ref_rows.halves() if ref_rows is not None else (None, None)
+    out, values = score_pairs(loss_fn, policy_chosen, policy_rejected, ref_chosen, ref_rejected, running)
+    return out.losses, values, batch
+
+
+def unpaired_forward(policy: torch.nn.Module, reference: Reference, examples: list, loss_fn: BoundLoss, cfg: Config,
+                     pad_id: int, accelerator: Accelerator) -> Forward:
+    """KTO and kin: single completions, each desirable or not; with loss_fn.kl_estimate, the batch KL term."""
+    unpaired = data.collate_unpaired(examples, pad_id, cfg.data.max_length).to(accelerator.device)
+    batch = unpaired.matched
+    policy_rows = sequence_logps(policy, batch)
+    ref_rows = reference.scores(batch)
+    kl = torch.zeros((), device=accelerator.device)
+    if loss_fn.kl_estimate:
+        with torch.no_grad():
+            # KTO's z0: mean log-ratio of mismatched (x_i, y_{i-1}) rows, never differentiated
+            kl = (sequence_logps(policy, unpaired.mismatched).logps
+                  - reference.scores(unpaired.mismatched).logps).mean()  # ()
+        kl = accelerator.reduce(kl, reduction="mean")  # one estimate for the whole global batch
+    lp = UnpairedLogps(policy_rows.logps, ref_rows.logps, policy_rows.lengths, unpaired.desirable, kl)
+    out = loss_fn(lp)
+    values = pair_metrics(out, policy_rows.rows(unpaired.desirable), policy_rows.rows(~unpaired.desirable))
+    return out.losses, values, batch
+
+
+class StepMetrics:
+    """The per-example metric values of one optimiser step, summed with their own counts (KTO's chosen and
+    rejected counts differ) and the step's token count; all-reduced as one tensor (one collective), read back
+    by name."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.names, self.total = device, [], None  # total: (2 * metrics + 1,) sums, counts, tokens
+
+    def add(self, values: dict[str, Tensor], num_tokens: int) -> None:
+        if self.total is None:
+            self.names = list(values)
+            self.total = torch.zeros(2 * len(self.names) + 1, device=self.device)
+        if list(values) != self.names:
+            raise RuntimeError(f"micro-batches of one step report different metrics: {list(values)} vs {self.names}")
+        with torch.no_grad():
+            self.total += torch.stack([v.detach().float().sum() for v in values.values()]
+                                      + [torch.tensor(float(v.numel()), device=self.device) for v in values.values()]
+                                      + [torch.tensor(float(num_tokens), device=self.device)])
+
+    def reduce(self, accelerator: Accelerator) -> None:
+        self.total = accelerator.reduce(self.total, reduction="sum")
+
+    def sum(self, name: str) -> float:
+        return self.total[self.names.index(name)].item()
+
+    def count(self, name: str) -> float:
+        return self.total[len(self.names) + self.names.index(name)].item()
+
+    def means(self) -> dict[str, float | None]:
+        n = len(self.names)
+        return {name: self.total[k].item() / self.total[n + k].item() if self.total[n + k] > 0 else None
+                for k, name in enumerate(self.names)}
+
+    def tokens(self) -> float:
+        return self.total[-1].item()
 
 
 def check(cfg: Config) -> None:
@@ -164,8 +245,6 @@ def train(cfg: Config) -> Path:
     stream = data.batch_stream(lengths, pairs_per_step, cfg.train.seed, cfg.data.group_by_length,
                                start=start_step)
     pad_id = tokenizer.pad_token_id
-    metric_names = sft.METRICS if sft_stage else PAIR_METRICS
-    n_metrics = len(metric_names)
     metric_sinks = sinks.Sinks(cfg, run_dir) if accelerator.is_main_process else None
     if eval_pairs:
         eval_loss = heldout.pair_loss(cfg)
@@ -181,7 +260,7 @@ def train(cfg: Config) -> Path:
         step_indices = next(stream)
         micro_batches = [step_indices[i:i + global_batch] for i in range(0, pairs_per_step, global_batch)]
         step_pairs = sum(len(m) for m in micro_batches)  # global count: the loss is a mean over all of them
-        sums = torch.zeros(2 * n_metrics + 1, device=accelerator.device)  # sums, counts, tokens
+        metrics = StepMetrics(accelerator.device)
         records = []  # (sources, per-example losses) of each micro-batch: names the culprits of a non-finite step
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
@@ -189,55 +268,28 @@ def train(cfg: Config) -> Path:
             # skip the gradient all-reduce on all but the last micro-batch of the step
             sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
             with sync:
+                batch_items = [pairs[j] for j in local]
                 if sft_stage:
-                    batch = sft.collate([pairs[j] for j in local], pad_id).to(accelerator.device)
-                    losses, values = sft.step(policy, batch)  # (B,); per-example values in sft.METRICS order
+                    losses, values, batch = sft_forward(policy, batch_items, pad_id, accelerator.device)
                 elif loss_fn.unpaired:
-                    unpaired = data.collate_unpaired([pairs[j] for j in local], pad_id, cfg.data.max_length)
-                    unpaired = unpaired.to(accelerator.device)
-                    batch = unpaired.matched
-                    policy_rows = sequence_logps(policy, batch)
-                    ref_rows = reference.scores(unpaired.matched)
-                    with torch.no_grad():
-                        # KTO's z0: mean log-ratio of mismatched (x_i, y_{i-1}) rows, never differentiated
-                        kl = (sequence_logps(policy, unpaired.mismatched).logps
-                              - reference.scores(unpaired.mismatched).logps).mean()  # ()
-                    kl = accelerator.reduce(kl, reduction="mean")  # one estimate for the whole global batch
-                    lp = UnpairedLogps(policy_rows.logps, ref_rows.logps, policy_rows.lengths,
-                                       unpaired.desirable, kl)
-                    policy_chosen, policy_rejected = (policy_rows.rows(unpaired.desirable),
-                                                      policy_rows.rows(~unpaired.desirable))
+                    losses, values, batch = unpaired_forward(policy, reference, batch_items, loss_fn, cfg, pad_id,
+                                                             accelerator)
                 else:
-                    batch_pairs = [pairs[j] for j in local]
-                    batch = data.lay_out(batch_pairs, pad_id, cfg.perf).to(accelerator.device)
-                    tokens = dict(with_tokens=loss_fn.needs_token_logps)
-                    policy_chosen, policy_rejected = batch_logps(
-                        policy, batch, cfg.perf.logps_chunk, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()
-                    ref_rows = reference.scores(batch, batch_pairs, **tokens)  # (2B,) rows; None: no reference
-                    ref_chosen, ref_rejected = ref_rows.halves() if ref_rows is not None else (None, None)
-                    lp = pair_logps(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-                if not sft_stage:
-                    out = loss_fn(lp, running)
-                    losses = out.losses  # (B,) per-example
-                    values = (out.losses, out.chosen_rewards, out.rejected_rewards, out.accuracies(),
-                              policy_chosen.logps, policy_rejected.logps,
-                              policy_chosen.mean_logits, policy_rejected.mean_logits)  # in PAIR_METRICS order
+                    losses, values, batch = paired_forward(policy, reference, batch_items, loss_fn, running, cfg,
+                                                           pad_id, accelerator.device)
                 # DDP averages gradients over processes, hence x world: the step's gradient is that of
                 # the mean loss over every pair of the step, whatever the batch/accumulation/process split
                 accelerator.backward(losses.sum() * world / step_pairs)
             records.append((batch.sources, losses.detach()))
-            with torch.no_grad():
-                sums += torch.stack([v.detach().float().sum() for v in values]
-                                    + [torch.tensor(float(v.numel()), device=accelerator.device) for v in values]
-                                    + [torch.tensor(float(batch.num_tokens), device=accelerator.device)])
+            metrics.add(values, batch.num_tokens)
 
         # --- optimiser step: never with a non-finite loss or gradient (a skipped step still moves the
         # schedule and the data on, so the run stays a function of the step counter) ---
-        sums = accelerator.reduce(sums, reduction="sum")  # before the check: every process sees the same loss
+        metrics.reduce(accelerator)  # before the check: every process sees the same loss
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        if nonfinite.check(accelerator, step + 1, sums[0].item(), float(grad_norm), records):
+        if nonfinite.check(accelerator, step + 1, metrics.sum("loss"), float(grad_norm), records):
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -247,17 +299,14 @@ def train(cfg: Config) -> Path:
 
         # --- metrics: summed over processes once, then divided by the pair count once ---
         elapsed = time.perf_counter() - t0
-        n_tokens = sums[-1].item()
-        means = {name: sums[k].item() / sums[n_metrics + k].item() if sums[n_metrics + k] > 0 else None
-                 for k, name in enumerate(metric_names)}  # None: no such example this step (KTO)
+        means = metrics.means()  # None: no such example this step (KTO)
         if running is not None:
-            chosen, rejected = PAIR_METRICS.index("rewards/chosen"), PAIR_METRICS.index("rewards/rejected")
-            running = running.update(sums[chosen].item() + sums[rejected].item(),
-                                     sums[n_metrics + chosen].item() + sums[n_metrics + rejected].item())
+            running = running.update(metrics.sum("rewards/chosen") + metrics.sum("rewards/rejected"),
+                                     metrics.count("rewards/chosen") + metrics.count("rewards/rejected"))
         row = {"step": step + 1, **means}
         if means.get("rewards/chosen") is not None and means.get("rewards/rejected") is not None:
             row["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
-        row.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=n_tokens / elapsed,
+        row.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=metrics.tokens() / elapsed,
                    skipped_steps=nonfinite.skipped)
         bar.update(1)
         accuracy = row.get("rewards/accuracies")  # absent for SFT, None on a KTO step without pairs
