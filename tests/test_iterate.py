@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -382,3 +383,16 @@ def test_killed_in_a_phase_then_rerun_equals_uninterrupted(tmp_path, uninterrupt
     theirs = load_file(uninterrupted / "round-2" / "train" / "final" / "model.safetensors")
     assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
     assert comparable(out) == comparable(uninterrupted)
+
+
+def test_iterate_section_round_trips_through_yaml_and_is_checked(tmp_path):
+    raw = iterate_raw(tmp_path, iterate={"pairing": "best_worst", "margin": 0.25, "reference": "round_start",
+                                         "seed_each_prompt": True}, judge={"name": "length", "mode": "pointwise"})
+    cfg = config.from_dict(raw)
+    config.save(cfg, tmp_path / "it.yaml")
+    assert config.load(tmp_path / "it.yaml") == cfg
+    for key, value, message in (("iterate.samples_per_prompt", 1, "a pair needs two samples"),
+                                ("iterate.reference", "last", "'last' is not one of ['initial', 'round_start']"),
+                                ("iterate.margin", -1.0, "iterate.margin: must be >= 0")):
+        with pytest.raises(config.ConfigError, match=re.escape(message)):
+            config.from_dict(config.apply_overrides(iterate_raw(tmp_path), [f"{key}={value}"]))
