@@ -396,3 +396,10 @@ def test_iterate_section_round_trips_through_yaml_and_is_checked(tmp_path):
                                 ("iterate.margin", -1.0, "iterate.margin: must be >= 0")):
         with pytest.raises(config.ConfigError, match=re.escape(message)):
             config.from_dict(config.apply_overrides(iterate_raw(tmp_path), [f"{key}={value}"]))
+
+
+def test_a_config_that_can_not_train_stops_before_claiming_the_run_dir(tmp_path):
+    with pytest.raises(config.ConfigError, match="loss.name: unknown loss 'dpoo'"):
+        iterate(config.from_dict(iterate_raw(tmp_path, loss={"name": "dpoo"}, iterate={"rounds": 1})))
+    assert not (tmp_path / "runs" / "it" / "iterate.yaml").exists()
+    iterate(config.from_dict(iterate_raw(tmp_path, iterate={"rounds": 1})))  # the corrected rerun just runs

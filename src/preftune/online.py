@@ -39,6 +39,7 @@ from preftune.data.records import Text
 from preftune.data.tokenize import chat_template_of, encode_prompt
 from preftune.judges import ChatJudge, JudgeError
 from preftune.losses import LOSSES
+from preftune.losses import validate as validate_loss
 from preftune.modeling import load_model, load_tokenizer
 
 
@@ -417,9 +418,13 @@ def iterate(cfg: Config, *, progress: bool | None = None) -> Path:
     check_setup(cfg)
     it = cfg.iterate
     out = cfg.run_dir()
+    # the registry's checks on a round's config before the run directory is claimed: a config that can not
+    # train must not become the saved config a corrected rerun is compared with
+    initial = Path(cfg.model.path) if cfg.model.path else out / "initial"
+    validate_loss(cfg)  # the loss name first: round_config reads the loss's needs
+    check(round_config(cfg, 1, initial, initial, out / "round-1" / "pairs.jsonl", out / "round-1"))
     _claim_run_dir(cfg, out)
     run = Rounds(cfg, out, cfg.train.progress if progress is None else progress)
-    check(round_config(cfg, 1, run.initial, run.initial, out / "round-1" / "pairs.jsonl", out / "round-1"))
 
     baseline = None
     if run.eval_prompts and it.eval_initial:

@@ -152,7 +152,7 @@ class ChatJudge:
         """1 if the judge prefers `first` (shown as A), 0 if `second`, 0.5 if it named neither."""
         body = self._pairwise_body(prompt, first, second)
         key = self._key(body)
-        if key in self.cache:
+        if self.cache_path is not None and key in self.cache:  # no cache file: every question is asked
             text = self.cache[key]
         else:
             text = _content(self._post(body))
@@ -162,7 +162,8 @@ class ChatJudge:
         if letter is None:
             self.invalid += 1
             return 0.5
-        self._remember(key, text)
+        if self.cache_path is not None:
+            self._remember(key, text)
         return 1.0 if letter == "A" else 0.0
 
     def policy_wins(self, prompts: list[str], policy: list[str], reference: list[str]) -> np.ndarray:
