@@ -2,6 +2,7 @@
 continued from an adapter uses that adapter, not the bare base, as its reference; a LoRA run's directory is
 evaluated, sampled, reported and exported like any run's."""
 
+import dataclasses
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from preftune import cli, config, heldout, lora
 from preftune.data import collate, load_pairs
 from preftune.evaluate import sample
 from preftune.modeling import load_model, load_tokenizer
+from preftune.reference import weights_digest
 from preftune.train import train
 
 from .conftest import EXAMPLE_PAIRS, read_metrics
@@ -155,6 +157,13 @@ def test_a_lora_run_is_evaluated_sampled_reported_and_exported_from_its_director
     assert f"evaluate the run itself (`preftune eval {run_dir.resolve()}`)" in capsys.readouterr().err
     assert cli.main(["eval", str(run_dir / "final"), "--quiet"]) == 2
     assert "holds a LoRA adapter, not a model: pass the run directory" in capsys.readouterr().err
+
+    # the random base is rebuilt from arch + seed and checked against the digest the run recorded
+    assert json.loads((run_dir / lora.BASE_RECORD).read_text())["sha256"] == weights_digest(base)
+    reseeded = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 1))
+    config.save(reseeded, run_dir / "config.yaml")  # what another initialisation would look like
+    with pytest.raises(ValueError, match="base_weights.json: the base rebuilt .* is not the one this run trained"):
+        heldout.load_target(run_dir)
 
 
 def test_a_lora_run_on_a_base_directory_evaluates_and_its_export_matches_it(tiny, tmp_path, capsys):

@@ -16,9 +16,11 @@ import torch
 from preftune import config
 from preftune.config import Config, LoraConfig
 from preftune.modeling import load_model, load_tokenizer
+from preftune.reference import weights_digest
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's marker file of an adapter directory
 EXPORT_RECORD = "preftune_export.json"  # written beside a merged model: which run it came from
+BASE_RECORD = "base_weights.json"  # in a LoRA run on a random base: what rebuilding it from arch + seed must give
 
 
 def wrap(model: torch.nn.Module, lora: LoraConfig, adapter_path: str = "") -> torch.nn.Module:
@@ -49,6 +51,14 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def record_random_base(run_dir: Path, cfg: Config, base: torch.nn.Module) -> None:
+    """Write BASE_RECORD for a LoRA run whose base is built from model.arch and train.seed, which no directory
+    holds: the digest of its weights, against which `load_adapter_model` checks the base it rebuilds (another
+    torch or transformers version may initialise the same arch differently)."""
+    record = {"sha256": weights_digest(base), "built_from": f"model.arch with train.seed={cfg.train.seed}"}
+    (Path(run_dir) / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def load_adapter_model(run_dir: Path, adapter_dir: Path | None = None) -> tuple[Config, torch.nn.Module, object]:
     """The base model a run trained (rebuilt from its config.yaml: a HF directory, or the same random model
     from `arch` and seed) with the run's trained adapter loaded, in eval mode; plus its config and tokenizer."""
@@ -67,6 +77,12 @@ def load_adapter_model(run_dir: Path, adapter_dir: Path | None = None) -> tuple[
         raise ValueError(f"{run_dir / 'config.yaml'}: model.path {cfg.model.path!r}, the base this run's LoRA "
                          f"adapter was trained on, could not be loaded ({str(err).splitlines()[0]}); final/ holds "
                          "the adapter alone, so the base must stay where the run found it") from None
+    if not cfg.model.path and (run_dir / BASE_RECORD).is_file():
+        if weights_digest(base) != json.loads((run_dir / BASE_RECORD).read_text())["sha256"]:
+            raise ValueError(f"{run_dir / BASE_RECORD}: the base rebuilt from model.arch and train.seed="
+                             f"{cfg.train.seed} (config.yaml) is not the one this run trained, whose digest is "
+                             "recorded here (another torch or transformers version initialises differently?); "
+                             "evaluate or `preftune export` the run where it was trained")
     return cfg, PeftModel.from_pretrained(base, adapter_dir).eval(), tokenizer
 
 

@@ -126,6 +126,8 @@ def _train(cfg: Config, progress: _Progress) -> Path:
     # --- models ---
     policy = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
     if cfg.lora.enabled:
+        if not cfg.model.path and accelerator.is_main_process:  # final/ will hold the adapter alone
+            lora.record_random_base(run_dir, cfg, policy)  # what eval and export must rebuild from arch + seed
         policy = lora.wrap(policy, cfg.lora, cfg.model.adapter_path)
     # before Accelerate wraps the policy, so a copy is of the bare module; mode none builds nothing
     reference = Reference.build(cfg, policy, tokenizer)
