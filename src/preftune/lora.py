@@ -74,7 +74,9 @@ def load_adapter_model(run_dir: Path, adapter_dir: Path | None = None) -> tuple[
         tokenizer = load_tokenizer(cfg.model)
         base = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
     except OSError as err:  # transformers' answer to a missing directory (it took the path for a hub name)
-        raise ValueError(f"{run_dir / 'config.yaml'}: model.path {cfg.model.path!r}, the base this run's LoRA "
+        field = "model.path" if cfg.model.path else "model.tokenizer"
+        value = cfg.model.path or cfg.model.tokenizer
+        raise ValueError(f"{run_dir / 'config.yaml'}: {field} {value!r}, part of the base this run's LoRA "
                          f"adapter was trained on, could not be loaded ({str(err).splitlines()[0]}); final/ holds "
                          "the adapter alone, so the base must stay where the run found it") from None
     if not cfg.model.path and (run_dir / BASE_RECORD).is_file():
