@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -63,11 +64,42 @@ def sync_reference(reference: torch.nn.Module, policy: torch.nn.Module, alpha: f
         ref_param.lerp_(policy_param.to(ref_param.dtype), alpha)
 
 
+@dataclasses.dataclass
+class _Progress:
+    """What train() needs to know from inside the loop when a run fails."""
+
+    main_process: bool = False  # the main process alone writes the run directory, so it alone removes one
+    steps: int = 0  # optimiser steps this call has taken
+
+
 def train(cfg: Config) -> Path:
-    """Train the policy the config describes; returns the run directory (export in `final/`)."""
+    """Train the policy the config describes; returns the run directory (export in `final/`).
+
+    A run that stops before its first optimiser step (a refused setting, a data error, a model that does not
+    load, out of memory in step 1, Ctrl-C) leaves its run directory as it found it, absent or empty, so a retry
+    under the same name starts clean. A directory that already held something (a run resumed or overwritten)
+    is never removed, and neither is a run that took a step: its metrics say how far it got.
+    """
+    run_dir = cfg.run_dir()
+    existed = run_dir.is_dir()
+    found_empty = not existed or not any(run_dir.iterdir())  # judged before this call writes anything
+    progress = _Progress()
+    try:
+        return _train(cfg, progress)
+    except BaseException:
+        if found_empty and progress.main_process and not progress.steps:
+            shutil.rmtree(run_dir, ignore_errors=True)  # best effort: never hides the error being raised
+            if existed:
+                run_dir.mkdir()
+        raise
+
+
+def _train(cfg: Config, progress: _Progress) -> Path:
+    """The loop itself; `progress` tells train() whether a failure leaves anything worth keeping."""
     # Accelerate only runs several CPU processes (gloo) when told the run is on CPU
     cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only)
+    progress.main_process = accelerator.is_main_process
     set_seed(cfg.train.seed)
     sinks.check_available(cfg)  # on every rank, before anything is written: a missing package stops all of them
     run_dir, resume_from = checkpoint.prepare_run_dir(cfg, accelerator)
@@ -94,6 +126,8 @@ def train(cfg: Config) -> Path:
     # --- models ---
     policy = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
     if cfg.lora.enabled:
+        if not cfg.model.path and accelerator.is_main_process:  # final/ will hold the adapter alone
+            lora.record_random_base(run_dir, cfg, policy)  # what eval and export must rebuild from arch + seed
         policy = lora.wrap(policy, cfg.lora, cfg.model.adapter_path)
     # before Accelerate wraps the policy, so a copy is of the bare module; mode none builds nothing
     reference = Reference.build(cfg, policy, tokenizer)
@@ -230,6 +264,7 @@ def train(cfg: Config) -> Path:
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        progress.steps = step + 1  # from here on a failure keeps the run directory
         if cfg.loss.ref_sync != "none" and (step + 1) % cfg.loss.ref_sync_every == 0:
             alpha = 1.0 if cfg.loss.ref_sync == "hard" else cfg.loss.ref_sync_alpha
             sync_reference(accelerator.unwrap_model(reference.model), accelerator.unwrap_model(policy), alpha)
