@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -43,7 +44,9 @@ def with_(cfg: config.Config, **dotted) -> config.Config:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "final" / "model.safetensors")
+    """The exported weights: the whole model, or the adapter alone under LoRA."""
+    (weights,) = [p for p in (run_dir / "final").glob("*.safetensors")]
+    return load_file(weights)
 
 
 def assert_same_run(run_dir: Path, reference_dir: Path, context: str = "") -> None:
@@ -269,16 +272,17 @@ def free_port() -> int:
 
 
 def launch(cfg_path: Path, resume: bool, processes: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     args = ["train", str(cfg_path)] + (["--resume"] if resume else [])
     if processes == 1:
         cmd = [sys.executable, "-m", "preftune", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                f"--master_port={free_port()}", "-m", "preftune", *args]
-    # own session: the kill takes the launcher and all its workers, like a node that dies
-    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    # own session: the kill takes the launcher and all its workers, like a node that dies. Both streams are
+    # kept (stderr into stdout): the test reads the step the run says it resumed at
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def rows_written(run_dir: Path) -> int:
@@ -288,21 +292,36 @@ def rows_written(run_dir: Path) -> int:
         return 0
 
 
+RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
+
+
 def run_killing_at(cfg_path: Path, run_dir: Path, kill_steps: list[int], processes: int) -> list[int]:
     """Start the run, SIGKILL it once metrics.jsonl shows step k (it dies wherever it is by then, possibly
-    mid-checkpoint), resume, repeat for each k; return the exit codes."""
+    mid-checkpoint), resume, repeat for each k; return the exit codes. Each resumed process must say it
+    resumed at the step of the newest valid checkpoint left behind (a restart at step 0 would still end
+    equal to the uninterrupted run: the step is what tells a resume from a restart), and resumes.jsonl
+    must record it."""
     codes = []
     for i, k in enumerate([*kill_steps, None]):
+        newest = checkpoint.newest_valid(run_dir) if i > 0 else None
         proc = launch(cfg_path, resume=i > 0, processes=processes)
         while k is not None and proc.poll() is None:
             if rows_written(run_dir) >= k:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.01)
-        stderr = proc.communicate()[1]
+        output = proc.communicate()[0]
         codes.append(proc.returncode)
         if k is None:
-            assert proc.returncode == 0, stderr[-3000:]
+            assert proc.returncode == 0, output[-3000:]
+        if i > 0 and (k is None or RESUMED.search(output)):  # a run killed early may not have said it yet
+            assert newest is not None, "the kill left no valid checkpoint: this test would not test a resume"
+            step = int(newest.name.removeprefix("step-"))
+            assert RESUMED.search(output) and RESUMED.search(output).groups() == (str(newest), str(step)), \
+                f"expected a resume at step {step} from {newest}:\n{output[-3000:]}"
+        if i > 0 and k is None:
+            records = [json.loads(line) for line in (run_dir / "resumes.jsonl").read_text().splitlines()]
+            assert records[-1]["step"] == step and records[-1]["changed"] == {}, records
     return codes
 
 
@@ -311,7 +330,8 @@ def run_killing_at(cfg_path: Path, run_dir: Path, kill_steps: list[int], process
 def test_sigkilled_repeatedly_and_resumed_equals_uninterrupted(tmp_path, grad_accum, processes, n_kills):
     seed = random.randrange(1 << 30)
     steps = 18
-    kills = sorted(random.Random(seed).sample(range(2, steps - 5), n_kills))
+    # from step 4 on, the checkpoint of step 3 is complete: every kill leaves one to resume from
+    kills = sorted(random.Random(seed).sample(range(4, steps - 5), n_kills))
     batch = 8 // grad_accum // processes
     cfg = resumable(tmp_path, "run", max_steps=steps, grad_accum=grad_accum, batch_size=batch)
     cfg_path = tmp_path / "run.yaml"
@@ -332,3 +352,41 @@ def test_sigkilled_repeatedly_and_resumed_equals_uninterrupted(tmp_path, grad_ac
         run_killing_at(tmp_path / "ref.yaml", ref_cfg.run_dir(), [], processes)
         reference = ref_cfg.run_dir()
     assert_same_run(cfg.run_dir(), reference, context)
+
+
+# kill -9 with each feature that keeps state or changes the numbers a checkpoint must reproduce
+LORA = {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+FEATURES = {
+    "linear_schedule": {"optim": {"schedule": "linear"}},
+    "cosine_schedule": {"optim": {"schedule": "cosine"}},
+    "packing": {"perf": {"packing": True}},
+    "prefix_sharing": {"perf": {"prefix_sharing": True}},
+    "precomputed_reference": {"reference": {"mode": "precomputed"}},
+    "lora": {"lora": LORA},
+    "kto": {"loss": {"name": "kto"}, "data": {"train": str(REPO / "tests" / "fixtures" / "unpaired.jsonl")}},
+}
+FAST_FEATURES = {"linear_schedule"}  # the rest run in the slow suite: each costs two process starts
+
+
+def feature_config(tmp_path: Path, name: str, feature: str, steps: int) -> config.Config:
+    sections = {k: dict(v) for k, v in FEATURES[feature].items()}
+    cfg = tiny_config(tmp_path / name, **{"train": {"max_steps": steps, "save_every": 3}, **sections})
+    return config.replace(cfg, "model.arch", {**cfg.model.arch, **DROPOUT})
+
+
+@pytest.mark.parametrize("feature", [f if f in FAST_FEATURES else pytest.param(f, marks=pytest.mark.slow)
+                                     for f in FEATURES])
+def test_sigkilled_and_resumed_with_each_feature_equals_uninterrupted(tmp_path, feature):
+    """Killed once metrics.jsonl shows step 5 (the step-3 checkpoint is then complete), resumed in a fresh
+    process that must say it resumed at the newest valid checkpoint's step, and ending bit-identical."""
+    steps = 8
+    cfg = feature_config(tmp_path, "run", feature, steps)
+    config.save(cfg, tmp_path / "run.yaml")
+    codes = run_killing_at(tmp_path / "run.yaml", cfg.run_dir(), [5], processes=1)
+    assert codes[0] == -signal.SIGKILL, codes
+    threads = single_threaded()
+    try:
+        reference = train(feature_config(tmp_path, "ref", feature, steps))
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_run(cfg.run_dir(), reference, feature)
