@@ -158,19 +158,21 @@ def resumes(run_dir: Path) -> list[dict]:
 
 
 def test_a_new_lr_is_the_lr_the_optimiser_uses(base, tmp_path):
-    """lr 0 from the resumed step: the weights must stay those of the checkpoint. The old LambdaLR restored
-    the checkpoint's lr (1e-3) and trained on with it while config.yaml said otherwise."""
+    """lr 0 from step 3 on (the old plan's lr there is 1e-3 x 1, 3/4, 1/2): the weights must stay those of
+    the step-3 checkpoint. The old LambdaLR restored the checkpoint's lr and trained on with it while
+    config.yaml said otherwise."""
     cfg = copy_of(base, tmp_path, "lr0")
-    at_six = load_file(cfg.run_dir() / "checkpoints" / "step-00000006" / "model.safetensors")
-    run_dir = train(with_(cfg, optim__lr=0.0, train__max_steps=9))
+    step_3 = cfg.run_dir() / "checkpoints" / "step-00000003"
+    at_three = load_file(step_3 / "model.safetensors")
+    run_dir = train(with_(cfg, optim__lr=0.0, train__resume=str(step_3)))
     final = final_weights(run_dir)
-    assert [k for k in at_six if not torch.equal(at_six[k], final[k])] == []
+    assert [k for k in at_three if not torch.equal(at_three[k], final[k])] == []
     rows = read_metrics(run_dir)
-    assert [r["lr"] for r in rows[6:]] == [0.0, 0.0, 0.0] and rows[5]["lr"] > 0
+    assert [r["lr"] for r in rows[3:]] == [0.0, 0.0, 0.0] and rows[2]["lr"] == 1e-3
     assert config.load(run_dir / "config.yaml").optim.lr == 1e-3  # the config the run started with
     (record,) = resumes(run_dir)
-    assert record["step"] == 6 and record["checkpoint"].endswith("step-00000006")
-    assert record["changed"] == {"optim.lr": [1e-3, 0.0], "train.max_steps": [6, 9]}
+    assert record["step"] == 3 and record["checkpoint"] == str(step_3)
+    assert record["changed"] == {"optim.lr": [1e-3, 0.0]}
 
 
 def test_a_longer_run_continues_the_decay_and_a_second_resume_keeps_the_re_plan(base, tmp_path, monkeypatch):
