@@ -23,6 +23,16 @@ from preftune.train import train
 from .conftest import read_metrics, tiny_config
 from .test_resume import assert_same_run, final_weights, with_
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bit-identity holds for a fixed thread count; on 2 shared cores a second torch thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- the schedule alone: hand-worked curves ---
 
 
