@@ -127,13 +127,34 @@ def test_a_shorter_warm_up_that_has_ended_anyway_is_accepted():
 
 def test_every_field_is_classified_and_unlisted_ones_are_fixed():
     keys = {f"{s}.{k}" for s, sub in config.to_dict(config.Config()).items() for k in sub}
-    assert checkpoint.RUN_CONTROL <= keys and checkpoint.SCHEDULE <= keys  # no stale names in the table
-    assert {checkpoint.resume_class(k) for k in keys} == {"run_control", "schedule", "fixed"}
+    for table in (checkpoint.RUN_CONTROL, checkpoint.SCHEDULE, checkpoint.LAYOUT):
+        assert table <= keys  # no stale names in the table
+    assert {checkpoint.resume_class(k) for k in keys} == {"run_control", "schedule", "layout", "fixed"}
     assert checkpoint.resume_class("newsection.knob_added_next_year") == "fixed"
     numbers = ["model.path", "model.arch", "data.train", "data.max_length", "loss.name", "loss.beta", "loss.params",
-               "train.batch_size", "train.grad_accum", "train.seed", "reference.mode", "lora.r",
-               "optim.adam_beta1", "optim.weight_decay", "perf.packing", "perf.compile", "train.mixed_precision"]
+               "train.seed", "reference.mode", "lora.r", "optim.adam_beta1", "optim.weight_decay", "perf.packing",
+               "perf.compile", "train.mixed_precision"]
     assert [checkpoint.resume_class(k) for k in numbers] == ["fixed"] * len(numbers)
+
+
+def test_a_batch_layout_may_change_only_where_it_changes_no_number(tmp_path):
+    """batch_size x grad_accum x processes = the pairs of a step: a new split of them is free; a new
+    product, or any new split under KTO (its KL estimate comes from each micro-batch), is refused."""
+    def refusal(loss: str, batch_size: int, grad_accum: int, processes: int) -> str:
+        cfg = tiny_config(tmp_path, loss={"name": loss}, train={"batch_size": batch_size, "grad_accum": grad_accum})
+        changes = {"train.batch_size": (8, batch_size)} if batch_size != 8 else {}
+        try:
+            checkpoint.refuse_fixed_changes(tmp_path / "step-00000003", changes, cfg,
+                                            {"batch_size": 8, "grad_accum": 1, "world_size": 1}, processes)
+        except ConfigError as err:
+            return str(err)
+        return ""
+
+    assert refusal("dpo", 4, 2, 1) == refusal("dpo", 4, 1, 2) == refusal("dpo", 2, 2, 2) == ""
+    assert "pairs per step (train.batch_size x train.grad_accum x processes): 8 x 1 x 1 = 8 -> 4 x 1 x 1 = 4" \
+        in refusal("dpo", 4, 1, 1)
+    assert "8 x 1 x 1 = 8 -> 8 x 1 x 2 = 16" in refusal("dpo", 8, 1, 2)  # more processes, same config
+    assert "8 x 1 x 1 -> 4 x 2 x 1 (loss 'kto' estimates its KL term" in refusal("kto", 4, 2, 1)
 
 
 # --- in a real run: a 6-step base run (checkpoints at 3 and 6), copied for each resume ---
@@ -215,15 +236,28 @@ def test_a_longer_run_continues_the_decay_and_a_second_resume_keeps_the_re_plan(
 def test_changed_fields_that_fix_the_numbers_are_refused_each_named(base, tmp_path):
     cfg = copy_of(base, tmp_path, "fixed")
     changed = with_(cfg, loss=dataclasses.replace(cfg.loss, beta=0.2), train__batch_size=4, perf__packing=True,
-                    optim__lr=5e-4)
+                    train__seed=1, optim__lr=5e-4)
     with pytest.raises(ConfigError) as err:
         train(changed)
     message = str(err.value)
     assert "step-00000006" in message
-    for change in ("loss.beta: 0.1 -> 0.2", "train.batch_size: 8 -> 4", "perf.packing: False -> True"):
+    for change in ("loss.beta: 0.1 -> 0.2", "perf.packing: False -> True", "train.seed: 0 -> 1",
+                   "pairs per step (train.batch_size x train.grad_accum x processes): 8 x 1 x 1 = 8 -> 4 x 1 x 1 = 4"):
         assert change in message
     assert "optim.lr" not in message  # a schedule field: it would have been applied
     assert len(read_metrics(cfg.run_dir())) == 6 and not (cfg.run_dir() / "resumes.jsonl").exists()
+
+
+def test_a_new_split_of_the_same_pairs_per_step_resumes_on_the_same_trajectory(base, tmp_path):
+    same = train(with_(copy_of(base, tmp_path, "same"), train__max_steps=9))
+    split = train(with_(copy_of(base, tmp_path, "split"), train__max_steps=9, train__batch_size=4,
+                        train__grad_accum=2))
+    ours, theirs = final_weights(split), final_weights(same)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(final_weights(base[1]).values(), theirs.values(), strict=True))
+    assert resumes(split)[0]["changed"] == {"train.batch_size": [8, 4], "train.grad_accum": [1, 2],
+                                            "train.max_steps": [6, 9]}
 
 
 def test_a_run_cut_below_the_resumed_step_is_refused(base, tmp_path):

@@ -21,6 +21,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -51,6 +52,11 @@ RUN_CONTROL = {"train.resume", "train.overwrite", "train.progress", "train.save_
                "log.wandb_project", "log.wandb_mode"}
 # the learning-rate curve: applied from the resumed step on, re-planned without a jump (schedule.Schedule)
 SCHEDULE = {"optim.lr", "optim.warmup_steps", "optim.schedule", "train.max_steps", "train.epochs"}
+# how a step's pairs are split into micro-batches and processes: free while the pairs per step (batch_size x
+# grad_accum x processes) stay the checkpoint's, since the batch stream and the loss (a mean over the step's
+# pairs) depend on that product alone; except for a loss that estimates a KL term from each micro-batch
+# (KTO), for which the layout is part of the numbers
+LAYOUT = {"train.batch_size", "train.grad_accum"}
 # Every other field is fixed: model, data and tokenisation, loss and its hyperparameters, batch size and
 # accumulation, reference, LoRA, seed, optimiser hyperparameters (the optimiser's state_dict would restore
 # the old ones), evaluation, and the perf switches that change float rounding. A change is refused, and so
@@ -58,8 +64,11 @@ SCHEDULE = {"optim.lr", "optim.warmup_steps", "optim.schedule", "train.max_steps
 
 
 def resume_class(key: str) -> str:
-    """run_control, schedule or fixed: how a resume treats a change of the dotted config `key`."""
-    return "run_control" if key in RUN_CONTROL else "schedule" if key in SCHEDULE else "fixed"
+    """run_control, schedule, layout or fixed: how a resume treats a change of the dotted config `key`."""
+    for name, keys in (("run_control", RUN_CONTROL), ("schedule", SCHEDULE), ("layout", LAYOUT)):
+        if key in keys:
+            return name
+    return "fixed"
 
 
 class CheckpointError(RuntimeError):
@@ -298,7 +307,8 @@ def load(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful:
          cfg: config.Config) -> tuple[int, dict[str, Any], dict[str, tuple[Any, Any]]]:
     """Restore weights, stateful components and this process's RNG from `ckpt`; returns its step, the
     `extra` values saved with it and the config fields that differ from its config (key -> (old, new)).
-    A changed field that RUN_CONTROL and SCHEDULE do not list is refused (ConfigError) before anything loads;
+    A changed field that RUN_CONTROL, SCHEDULE and LAYOUT do not list is refused (ConfigError) before anything
+    loads, as is a LAYOUT change that changes the numbers;
     schedule changes are the caller's to apply (schedule.Schedule.resume).
 
     Nothing here unpickles objects: weights come from safetensors and state.pt loads with weights_only=True,
@@ -315,7 +325,8 @@ def load(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful:
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {ckpt} could not be read: {err}") from None
     changes = config_changes(saved_cfg, cfg)
-    refuse_fixed_changes(ckpt, changes)  # before anything is restored: the run stops where it was
+    # before anything is restored: the run stops where it was
+    refuse_fixed_changes(ckpt, changes, cfg, trainer_state, accelerator.num_processes)
     unwrapped = accelerator.unwrap_model(model)
     try:
         result = unwrapped.load_state_dict(weights, strict=False)
@@ -331,8 +342,9 @@ def load(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful:
         obj.load_state_dict(state["stateful"][name])
     rank = accelerator.process_index
     if trainer_state["world_size"] != accelerator.num_processes:
-        log.warning("%s was written by %d process(es), this run has %d: the data split and RNG streams "
-                    "differ from an uninterrupted run", ckpt, trainer_state["world_size"], accelerator.num_processes)
+        log.warning("%s was written by %d process(es), this run has %d: each step has the same pairs, but the "
+                    "RNG streams (dropout) differ from an uninterrupted run's", ckpt, trainer_state["world_size"],
+                    accelerator.num_processes)
     set_rng_state(state["rng"][rank % len(state["rng"])])
     return int(trainer_state["step"]), state["extra"], changes
 
@@ -348,9 +360,23 @@ def config_changes(saved: config.Config, current: config.Config) -> dict[str, tu
             if k != "train.resume" and old.get(k) != new.get(k)}
 
 
-def refuse_fixed_changes(ckpt: Path, changes: dict[str, tuple[Any, Any]]) -> None:
-    """A ConfigError listing every changed field that a resume can not change, with old -> new values."""
+def refuse_fixed_changes(ckpt: Path, changes: dict[str, tuple[Any, Any]], cfg: config.Config,
+                         trainer_state: dict[str, Any], processes: int) -> None:
+    """A ConfigError listing every change that a resume can not make, with old -> new values: each changed
+    fixed field, and a batch layout (LAYOUT) that changes the pairs per step or the KL estimate's batch."""
+    from preftune.losses import LOSSES  # late: as config does
+
     fixed = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items() if resume_class(k) == "fixed"]
+    before = (trainer_state["batch_size"], trainer_state["grad_accum"], trainer_state["world_size"])
+    after = (cfg.train.batch_size, cfg.train.grad_accum, processes)
+    if math.prod(before) != math.prod(after):
+        fixed.append("pairs per step (train.batch_size x train.grad_accum x processes): "
+                     f"{' x '.join(map(str, before))} = {math.prod(before)} -> "
+                     f"{' x '.join(map(str, after))} = {math.prod(after)}")
+    elif before != after and LOSSES[cfg.loss.name].kl_estimate:
+        fixed.append(f"batch layout (train.batch_size x train.grad_accum x processes): {' x '.join(map(str, before))}"
+                     f" -> {' x '.join(map(str, after))} (loss {cfg.loss.name!r} estimates its KL term from each "
+                     "micro-batch and its processes)")
     if fixed:
         raise config.ConfigError(
             f"train.resume: {ckpt} was written with other values of fields that fix what the run computes, "
