@@ -10,11 +10,13 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -296,7 +298,8 @@ def rows_written(run_dir: Path) -> int:
 RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
 
 
-def run_killing_at(cfg_path: Path, run_dir: Path, kill_steps: list[int], processes: int) -> list[int]:
+def run_killing_at(cfg_path: Path, run_dir: Path, kill_steps: list[int], processes: int,
+                   before_resume: Callable[[], None] = lambda: None) -> list[int]:
     """Start the run, SIGKILL it once metrics.jsonl shows step k (it dies wherever it is by then, possibly
     mid-checkpoint), resume, repeat for each k; return the exit codes. Each resumed process must say it
     resumed at the step of the newest valid checkpoint left behind (a restart at step 0 would still end
@@ -304,6 +307,8 @@ def run_killing_at(cfg_path: Path, run_dir: Path, kill_steps: list[int], process
     must record it."""
     codes = []
     for i, k in enumerate([*kill_steps, None]):
+        if i > 0:
+            before_resume()
         newest = checkpoint.newest_valid(run_dir) if i > 0 else None
         proc = launch(cfg_path, resume=i > 0, processes=processes)
         while k is not None and proc.poll() is None:
@@ -383,7 +388,12 @@ def test_sigkilled_and_resumed_with_each_feature_equals_uninterrupted(tmp_path, 
     steps = 8
     cfg = feature_config(tmp_path, "run", feature, steps)
     config.save(cfg, tmp_path / "run.yaml")
-    codes = run_killing_at(tmp_path / "run.yaml", cfg.run_dir(), [5], processes=1)
+    def lose_cache() -> None:
+        """precomputed: the resumed process must rebuild the table from the starting weights, not the
+        checkpoint's (with the cache left, a table built from the wrong weights would go unnoticed)."""
+        shutil.rmtree(cfg.run_dir().parent / "ref_cache", ignore_errors=True)
+
+    codes = run_killing_at(tmp_path / "run.yaml", cfg.run_dir(), [5], processes=1, before_resume=lose_cache)
     assert codes[0] == -signal.SIGKILL, codes
     threads = single_threaded()
     try:
