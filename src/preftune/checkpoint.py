@@ -57,9 +57,9 @@ SCHEDULE = {"optim.lr", "optim.warmup_steps", "optim.schedule", "train.max_steps
 # pairs) depend on that product alone; except for a loss that estimates a KL term from each micro-batch
 # (KTO), for which the layout is part of the numbers
 LAYOUT = {"train.batch_size", "train.grad_accum"}
-# Every other field is fixed: model, data and tokenisation, loss and its hyperparameters, batch size and
-# accumulation, reference, LoRA, seed, optimiser hyperparameters (the optimiser's state_dict would restore
-# the old ones), evaluation, and the perf switches that change float rounding. A change is refused, and so
+# Every other field is fixed: model, data and tokenisation, loss and its hyperparameters, reference, LoRA,
+# seed, optimiser hyperparameters (the optimiser's state_dict would restore the old ones), evaluation, and the
+# perf switches that change float rounding. A change is refused, and so
 # is a change to a field added later and not listed above: a new field is safe until someone classifies it.
 
 
@@ -307,9 +307,9 @@ def load(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful:
          cfg: config.Config) -> tuple[int, dict[str, Any], dict[str, tuple[Any, Any]]]:
     """Restore weights, stateful components and this process's RNG from `ckpt`; returns its step, the
     `extra` values saved with it and the config fields that differ from its config (key -> (old, new)).
-    A changed field that RUN_CONTROL, SCHEDULE and LAYOUT do not list is refused (ConfigError) before anything
-    loads, as is a LAYOUT change that changes the numbers;
-    schedule changes are the caller's to apply (schedule.Schedule.resume).
+    A changed field that RUN_CONTROL, SCHEDULE and LAYOUT do not list, or a LAYOUT change that changes the
+    numbers, is refused (ConfigError) before anything loads; schedule changes are the caller's to apply
+    (schedule.Schedule.resume).
 
     Nothing here unpickles objects: weights come from safetensors and state.pt loads with weights_only=True,
     which accepts tensors and plain containers only.
