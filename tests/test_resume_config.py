@@ -236,12 +236,13 @@ def test_a_longer_run_continues_the_decay_and_a_second_resume_keeps_the_re_plan(
 def test_changed_fields_that_fix_the_numbers_are_refused_each_named(base, tmp_path):
     cfg = copy_of(base, tmp_path, "fixed")
     changed = with_(cfg, loss=dataclasses.replace(cfg.loss, beta=0.2), train__batch_size=4, perf__packing=True,
-                    train__seed=1, optim__lr=5e-4)
+                    train__seed=1, optim__lr=5e-4, data__max_length=120, reference__mode="precomputed")
     with pytest.raises(ConfigError) as err:
         train(changed)
     message = str(err.value)
     assert "step-00000006" in message
     for change in ("loss.beta: 0.1 -> 0.2", "perf.packing: False -> True", "train.seed: 0 -> 1",
+                   "data.max_length: 128 -> 120", "reference.mode: 'auto' -> 'precomputed'",
                    "pairs per step (train.batch_size x train.grad_accum x processes): 8 x 1 x 1 = 8 -> 4 x 1 x 1 = 4"):
         assert change in message
     assert "optim.lr" not in message  # a schedule field: it would have been applied
