@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -103,3 +104,13 @@ def apply_speedups(model: torch.nn.Module, perf: PerfConfig, trainable: bool = T
 
 
 COMPILE_BACKEND = "inductor"  # tests swap in aot_eager: same graph capture, seconds instead of minutes on CPU
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes: the identity of a model's weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

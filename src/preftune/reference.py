@@ -37,7 +37,7 @@ from preftune.config import Config, ConfigError, PerfConfig
 from preftune.data import Batch, TokenizedPair
 from preftune.logps import SequenceLogps, batch_logps
 from preftune.losses import LOSSES
-from preftune.modeling import apply_speedups, load_model
+from preftune.modeling import apply_speedups, load_model, weights_digest
 
 CACHE_FORMAT = 1  # bump when the meaning of a cached number changes
 
@@ -226,6 +226,11 @@ class _AdaptersOff(torch.nn.Module):
         super().__init__()
         self._held = (policy, peft)  # a tuple, not submodules: this wrapper owns no parameters
 
+    def parameters(self, recurse: bool = True):
+        """The policy's, never trained through this wrapper: code that finds a model's device from its first
+        parameter (evaluate.completion_logps, scoring KL samples in the loop's eval) needs one."""
+        return self._held[0].parameters(recurse)
+
     def forward(self, *args, **kwargs):
         policy, peft = self._held
         was_training = policy.training
@@ -279,16 +284,6 @@ def precompute_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id:
         idx = list(range(r, len(pairs), world))
         table[idx] = gathered[r * per_rank:r * per_rank + len(idx)]
     return table
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 of every tensor's name, dtype, shape and bytes: the identity of a model's weights."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def files_digest(path: str) -> str:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -24,23 +24,20 @@ from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sin
 from preftune.config import Config, OptimConfig
 from preftune.data import Batch
 from preftune.logps import batch_logps, sequence_logps
-from preftune.losses import BoundLoss, RunningMean, UnpairedLogps, bind, pair_metrics, score_pairs
+from preftune.losses import (
+    PAIR_METRICS,  # noqa: F401 (re-exported: train.PAIR_METRICS names the logged rows)
+    BoundLoss,
+    RunningMean,
+    UnpairedLogps,
+    bind,
+    pair_metrics,
+    score_pairs,
+)
 from preftune.losses import validate as validate_loss
 from preftune.modeling import apply_speedups, load_model, load_tokenizer
 from preftune.reference import Reference
 from preftune.reference import validate as validate_reference
-
-
-def lr_factor(step: int, total: int, optim: OptimConfig) -> float:
-    """Linear warm-up to 1 (the DPO paper), then constant, linear decay or cosine decay to 0."""
-    if step < optim.warmup_steps:
-        return (step + 1) / (optim.warmup_steps + 1)
-    if optim.schedule == "constant":
-        return 1.0
-    progress = (step - optim.warmup_steps) / max(1, total - optim.warmup_steps)
-    if optim.schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+from preftune.schedule import Schedule
 
 
 def build_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig,
@@ -154,12 +151,43 @@ def check(cfg: Config) -> None:
     validate_reference(cfg)
 
 
+@dataclasses.dataclass
+class _Progress:
+    """What train() needs to know from inside the loop when a run fails."""
+
+    main_process: bool = False  # the main process alone writes the run directory, so it alone removes one
+    steps: int = 0  # optimiser steps this call has taken
+
+
 def train(cfg: Config) -> Path:
-    """Train the policy the config describes; returns the run directory (export in `final/`)."""
-    check(cfg)
+    """Train the policy the config describes; returns the run directory (export in `final/`).
+
+    A run that stops before its first optimiser step (a refused setting, a data error, a model that does not
+    load, out of memory in step 1, Ctrl-C) leaves its run directory as it found it, absent or empty, so a retry
+    under the same name starts clean. A directory that already held something (a run resumed or overwritten)
+    is never removed, and neither is a run that took a step: its metrics say how far it got.
+    """
+    check(cfg)  # a refused setting stops before the run directory is touched
+    run_dir = cfg.run_dir()
+    existed = run_dir.is_dir()
+    found_empty = not existed or not any(run_dir.iterdir())  # judged before this call writes anything
+    progress = _Progress()
+    try:
+        return _train(cfg, progress)
+    except BaseException:
+        if found_empty and progress.main_process and not progress.steps:
+            shutil.rmtree(run_dir, ignore_errors=True)  # best effort: never hides the error being raised
+            if existed:
+                run_dir.mkdir()
+        raise
+
+
+def _train(cfg: Config, progress: _Progress) -> Path:
+    """The loop itself; `progress` tells train() whether a failure leaves anything worth keeping."""
     # Accelerate only runs several CPU processes (gloo) when told the run is on CPU
     cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only)
+    progress.main_process = accelerator.is_main_process
     set_seed(cfg.train.seed)
     sinks.check_available(cfg)  # on every rank, before anything is written: a missing package stops all of them
     run_dir, resume_from = checkpoint.prepare_run_dir(cfg, accelerator)
@@ -186,6 +214,8 @@ def train(cfg: Config) -> Path:
     # --- models ---
     policy = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
     if cfg.lora.enabled:
+        if not cfg.model.path and accelerator.is_main_process:  # final/ will hold the adapter alone
+            lora.record_random_base(run_dir, cfg, policy)  # what eval and export must rebuild from arch + seed
         policy = lora.wrap(policy, cfg.lora, cfg.model.adapter_path)
     # before Accelerate wraps the policy, so a copy is of the bare module; mode none builds nothing
     reference = Reference.build(cfg, policy, tokenizer)
@@ -206,8 +236,7 @@ def train(cfg: Config) -> Path:
     total_steps = data.steps_for(len(pairs), pairs_per_step, cfg.train.epochs, cfg.train.max_steps)
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optim,
                                 fused=cfg.perf.fused_adamw)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, cfg.optim))
+    schedule = Schedule(cfg.optim, total_steps)  # sets each step's lr; a resume may re-plan it
     policy, optimizer = accelerator.prepare(policy, optimizer)
     # precomputed: one no-grad pass (or the cache) now, and no reference model from here on. Before any
     # resume loads trained weights: the reference is always the starting model, never a checkpoint
@@ -222,20 +251,26 @@ def train(cfg: Config) -> Path:
     # what a checkpoint holds besides the weights: name -> object with state_dict()/load_state_dict().
     # Components with state of their own (a loss's running mean, a synced reference) register here.
     nonfinite = guard.NonFiniteGuard(cfg.train.max_bad_steps)
-    stateful = {"optimizer": optimizer, "scheduler": scheduler, "nonfinite": nonfinite}
+    stateful = {"optimizer": optimizer, "schedule": schedule, "nonfinite": nonfinite}
     if accelerator.scaler is not None:  # fp16 loss scale
         stateful["scaler"] = accelerator.scaler
     if cfg.loss.ref_sync != "none":  # TR-DPO moves the reference
         stateful["reference"] = accelerator.unwrap_model(reference.model)
     # BCO's reward shift, identical on all ranks
     running = RunningMean() if loss_fn.running_state and not sft_stage else None
-    start_step = 0
+    start_step, changes = 0, {}
     if resume_from is not None:
-        start_step, extra = checkpoint.load(accelerator, resume_from, policy, stateful, cfg)
+        # fields that fix the numbers must match the checkpoint's config (refused otherwise); schedule
+        # fields take effect from here on, the curve continuing from the last trained step's lr
+        start_step, extra, changes = checkpoint.load(accelerator, resume_from, policy, stateful, cfg)
         running = RunningMean(**extra["running"]) if running is not None else None
-        say(f"resumed from {resume_from} at step {start_step}")
+        replanned = schedule.resume(start_step, cfg.optim, total_steps)
+        say(f"resumed from {resume_from} at step {start_step}"
+            + (f"; lr schedule re-planned from step {start_step + 1}" if replanned else "")
+            + "".join(f"; {k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
     if accelerator.is_main_process:
         checkpoint.truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        checkpoint.record_resume(run_dir, start_step, resume_from, changes)
 
     # --- loop ---
     global_batch = cfg.train.batch_size * world
@@ -288,11 +323,13 @@ def train(cfg: Config) -> Path:
         metrics.reduce(accelerator)  # before the check: every process sees the same loss
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        lr = schedule.lr(step)  # the rate this step uses
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         if nonfinite.check(accelerator, step + 1, metrics.sum("loss"), float(grad_norm), records):
             optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        progress.steps = step + 1  # from here on a failure keeps the run directory
         if cfg.loss.ref_sync != "none" and (step + 1) % cfg.loss.ref_sync_every == 0:
             alpha = 1.0 if cfg.loss.ref_sync == "hard" else cfg.loss.ref_sync_alpha
             sync_reference(accelerator.unwrap_model(reference.model), accelerator.unwrap_model(policy), alpha)
