@@ -403,3 +403,21 @@ def test_a_config_that_can_not_train_stops_before_claiming_the_run_dir(tmp_path)
         iterate(config.from_dict(iterate_raw(tmp_path, loss={"name": "dpoo"}, iterate={"rounds": 1})))
     assert not (tmp_path / "runs" / "it" / "iterate.yaml").exists()
     iterate(config.from_dict(iterate_raw(tmp_path, iterate={"rounds": 1})))  # the corrected rerun just runs
+
+
+def test_seed_each_prompt_makes_a_prompts_samples_independent_of_batching(tmp_path):
+    """With iterate.seed_each_prompt, a prompt's k samples come from a seed of its own (seed, round, prompt):
+    generated one sequence at a time or 16 at a time, they are the same tokens."""
+    def round_one(name: str, batch: int) -> list[list[int]]:
+        raw = iterate_raw(tmp_path, train={"run_name": name},
+                          iterate={"seed_each_prompt": True, "sample_batch_size": batch})
+        cfg = config.from_dict(raw)
+        run = online.Rounds(cfg, cfg.run_dir(), progress=False)
+        return run.sample(1, run.initial)["completion_ids"]
+
+    one_at_a_time, batched = round_one("a", 1), round_one("b", 16)
+    assert one_at_a_time == batched and len(batched) == 12
+    assert len({tuple(ids) for ids in batched}) > 1  # not one sequence repeated: the seeds differ per prompt
+    cli_help = subprocess.run([sys.executable, "-m", "preftune", "iterate", "--help"], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert "iterate.samples_per_prompt" in cli_help.stdout and "judge.mode" in cli_help.stdout

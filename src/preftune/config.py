@@ -365,8 +365,9 @@ class IterateConfig:
     sample_batch_size: int = 32
     """Sequences per generate call."""
     seed_each_prompt: bool = False
-    """Draw each prompt's k samples from a seed of its own (seed, round, prompt), so they do not depend on
-    sample_batch_size or on the other prompts of the round; off: one seed per round, batched generation."""
+    """Draw each prompt's k samples in one generate call of their own, from a seed of their own (seed, round,
+    prompt), so they do not depend on sample_batch_size or on the other prompts of the round (costs batching);
+    off: one seed per round, sample_batch_size sequences per call."""
     pairing: str = "best_worst"
     """How samples become pairs: best_worst (per prompt the highest- vs the lowest-scored sample) or
     all_pairs (every two samples whose scores differ by more than `margin`, widest gap first)."""

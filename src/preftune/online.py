@@ -336,7 +336,7 @@ class Rounds:
         if it.seed_each_prompt:
             parts = [evaluate.sample(policy, self.tokenizer, [text], prompt_ids=[pid], n_per_prompt=k, top_p=it.top_p,
                                      seed=_prompt_seed(self.cfg.train.seed, r, p), desc=f"round {r} prompt {p}",
-                                     **{**self.sampling, "progress": False})
+                                     **{**self.sampling, "progress": False, "batch_size": k})  # one call each
                      for p, (text, pid) in enumerate(zip(texts, ids, strict=True))]
             samples = evaluate.Samples(texts, k, ids, [c for s in parts for c in s.completion_ids],
                                        [c for s in parts for c in s.completions])
