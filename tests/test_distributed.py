@@ -1,4 +1,7 @@
-"""Two CPU processes (gloo, through torchrun + Accelerate) against one: same pairs, same numbers."""
+"""Two CPU processes (gloo, through torchrun + Accelerate) against one: same pairs, same numbers.
+
+Marked slow like every multi-process test (each torchrun costs ~20-30 s of process start-up and gloo on
+2 cores); the one-process split equivalences (tests/test_invariance.py) stay in the fast suite."""
 
 import json
 import os
@@ -35,6 +38,7 @@ def torchrun(cfg: config.Config, tmp_path, nproc: int) -> subprocess.CompletedPr
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_two_processes_equal_one_process(tmp_path, accum):
     steps = 12
@@ -63,6 +67,7 @@ def test_two_processes_equal_one_process(tmp_path, accum):
     assert json.loads((run_two / "data_report.json").read_text())["used"] == 16
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_between_one_and_two_processes(tmp_path):
     """A checkpoint written by 2 processes resumes in 1 and vice versa, reaching the uninterrupted weights.
 
@@ -95,6 +100,7 @@ def test_checkpoint_moves_between_one_and_two_processes(tmp_path):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_kto_two_processes_equal_one_process(tmp_path):
     """KTO's z0 is summed over both processes' mismatched rows with their counts (not a mean of two means):
     2 processes x batch 2 x accumulation 2 take the steps of 1 process x batch 8."""
