@@ -64,9 +64,9 @@ def sync_reference(reference: torch.nn.Module, policy: torch.nn.Module, alpha: f
 
 
 @torch.no_grad()
-def step_kl_estimate(policy: torch.nn.Module, reference: Reference, examples, micro_batches: list[list[int]],
-                     rank: int, batch_size: int, pad_id: int, max_length: int, accelerator: Accelerator
-                     ) -> torch.Tensor:
+def step_kl_estimate(policy: torch.nn.Module, reference: Reference, examples: list[data.TokenizedUnpaired],
+                     micro_batches: list[list[int]], rank: int, batch_size: int, pad_id: int, max_length: int,
+                     accelerator: Accelerator) -> torch.Tensor:
     """KTO's KL estimate for one optimiser step (Ethayarajh et al. 2024, arXiv:2402.01306, Sec. 4.1): the mean,
     over the m unrelated pairs (x_k, y_{k-1}) of the whole step, of log pi(y|x) - log pi_ref(y|x); the loss
     clamps it at 0 and never differentiates it.
