@@ -295,6 +295,18 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    sharding: str = "none"
+    """none: every process holds the whole model (1 process, or DDP over N); fsdp2: weights, gradients and
+    optimiser state sharded over the processes with torch's FSDP2 (fully_shard), a model-held reference
+    sharded the same way, checkpoints saved shard by shard (DCP). docs/distributed.md."""
+    reshard_after_forward: bool = True
+    """fsdp2: free each decoder layer's gathered weights after its forward and gather them again in backward
+    (least memory, ZeRO-3-like); false keeps them from forward to backward (one all-gather less per layer,
+    ZeRO-2-like memory for weights)."""
+
+
+@dataclass(frozen=True)
 class PerfConfig:
     """Speed and memory switches. Each one changes how the numbers are computed, never which numbers: every
     combination gives the plain path's loss and gradients (tests/test_perf_paths.py)."""
@@ -339,6 +351,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def run_dir(self) -> Path:
         return Path(self.train.output_dir) / (self.train.run_name or "run")
@@ -561,6 +574,7 @@ _CHOICES = {
     "loss.ref_sync": ("none", "soft", "hard"),
     "log.wandb_mode": ("online", "offline", "disabled"),
     "eval.baseline": ("reference", "dataset"),
+    "parallel.sharding": ("none", "fsdp2"),
 }
 
 
@@ -647,6 +661,7 @@ def validate(cfg: Config) -> None:
     if not cfg.model.path and not cfg.model.arch:
         raise ConfigError("model: set model.path (a HF model directory) or model.arch (a random-init config)")
     _validate_reference(cfg, LOSSES[cfg.loss.name])
+    _validate_sharding(cfg)
 
 
 def reference_mode(cfg: Config) -> str:
@@ -746,3 +761,22 @@ def _validate_loss(cfg: Config, spec: Any) -> None:
     if spec.kl_estimate and cfg.train.batch_size < 2:
         raise ConfigError(f"train.batch_size: {loss.name!r} estimates its KL term from mismatched pairs "
                           "within a batch, which needs batch_size >= 2")
+
+
+def _validate_sharding(cfg: Config) -> None:
+    """Combinations the FSDP2 path does not run, refused before any work with the fields to change."""
+    if cfg.parallel.sharding == "none":
+        return
+    refused = {
+        "train.mixed_precision=fp16": (cfg.train.mixed_precision == "fp16",
+                                       "fp16 needs a sharded gradient scaler preftune does not run; use bf16"),
+        "perf.compile=true": (cfg.perf.compile, "compiling FSDP2's per-layer hooks is untested here; turn it off"),
+        f"loss.ref_sync={cfg.loss.ref_sync!r}": (cfg.loss.ref_sync != "none",
+                                                 "TR-DPO's reference update is not run sharded; use none"),
+        f"train.eval_every={cfg.train.eval_every}": (
+            cfg.train.eval_every > 0,
+            "in-training eval (and its sampling) is not run sharded; evaluate the export with `preftune eval`"),
+    }
+    for fields, (on, why) in refused.items():
+        if on:
+            raise ConfigError(f"parallel.sharding={cfg.parallel.sharding!r} with {fields}: {why}")

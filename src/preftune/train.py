@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sinks
+from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sharding, sinks
 from preftune.config import Config, OptimConfig
 from preftune.logps import batch_logps, sequence_logps
 from preftune.losses import RunningMean, UnpairedLogps, bind, pair_logps
@@ -67,7 +67,10 @@ def train(cfg: Config) -> Path:
     """Train the policy the config describes; returns the run directory (export in `final/`)."""
     # Accelerate only runs several CPU processes (gloo) when told the run is on CPU
     cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only)
+    sharded = sharding.enabled(cfg)
+    # sharded, bf16 is FSDP2's mixed-precision policy (sharding.shard), not Accelerate's autocast
+    accelerator = Accelerator(mixed_precision="no" if sharded else cfg.train.mixed_precision, cpu=cpu_only)
+    sharding.check_engine(cfg, accelerator)  # before any work: Accelerate's own FSDP/DeepSpeed plugins
     set_seed(cfg.train.seed)
     sinks.check_available(cfg)  # on every rank, before anything is written: a missing package stops all of them
     run_dir, resume_from = checkpoint.prepare_run_dir(cfg, accelerator)
@@ -100,6 +103,8 @@ def train(cfg: Config) -> Path:
     if reference.model is not None and reference.model is not policy:
         apply_speedups(reference.model, cfg.perf, trainable=False)
     apply_speedups(policy, cfg.perf)
+    if sharded:  # before the optimiser is built: it must hold the shards, not the full parameters
+        policy = sharding.shard(policy, cfg, accelerator.device)
     fast_layout = cfg.perf.packing or cfg.perf.prefix_sharing
     if (fast_layout or cfg.perf.logps_chunk) and (loss_fn.unpaired or loss_fn.needs_token_logps
                                                    or loss_fn.needs_sq_mass):
@@ -116,7 +121,8 @@ def train(cfg: Config) -> Path:
                                 fused=cfg.perf.fused_adamw)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.optim))
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if not sharded:  # FSDP2 reduces gradients itself: no DDP wrapper around it
+        policy, optimizer = accelerator.prepare(policy, optimizer)
     # precomputed: one no-grad pass (or the cache) now, and no reference model from here on. Before any
     # resume loads trained weights: the reference is always the starting model, never a checkpoint
     reference.prepare(cfg, accelerator, policy, tokenizer, pairs)
@@ -175,8 +181,9 @@ def train(cfg: Config) -> Path:
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
             last = i == len(micro_batches) - 1
-            # skip the gradient all-reduce on all but the last micro-batch of the step
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
+            # skip the gradient all-reduce on all but the last micro-batch of the step; FSDP2 reduce-scatters
+            # every micro-batch, since skipping it would keep each layer's full unsharded gradient
+            sync = contextlib.nullcontext() if last or sharded else accelerator.no_sync(policy)
             with sync:
                 if sft_stage:
                     batch = sft.collate([pairs[j] for j in local], pad_id).to(accelerator.device)
@@ -224,7 +231,7 @@ def train(cfg: Config) -> Path:
         # schedule and the data on, so the run stays a function of the step counter) ---
         sums = accelerator.reduce(sums, reduction="sum")  # before the check: every process sees the same loss
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
+        grad_norm = sharding.as_float(accelerator.clip_grad_norm_(policy.parameters(), max_norm))
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         if nonfinite.check(accelerator, step + 1, sums[0].item(), float(grad_norm), records):
             optimizer.step()
@@ -280,4 +287,5 @@ def train(cfg: Config) -> Path:
     checkpoint.export(accelerator, policy, tokenizer, run_dir / "final")
     say(f"exported {run_dir / 'final'}")
     accelerator.end_training()
+    sharding.release_process_group()
     return run_dir
