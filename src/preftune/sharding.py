@@ -58,7 +58,8 @@ def shard(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn
     way and simply never get an optimiser. Call after the perf switches that live on the model
     (modeling.apply_speedups), before the optimiser is built: the optimiser must hold the sharded params."""
     ensure_process_group(device)
-    model.to(device)
+    # no model.to(device): fully_shard moves each unit to the device as it shards it, so a GPU never holds
+    # more than one full layer at a time (each process still loads the whole model into CPU memory first)
     param_dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
     # reduce in fp32: bf16 gradient sums over 8+ ranks lose the small differences DPO's gradients carry
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
