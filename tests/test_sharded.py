@@ -277,3 +277,15 @@ def test_sharded_sigkill_then_resume_equals_uninterrupted_bit_for_bit(tmp_path):
     assert_same_run(killed.run_dir(), whole.run_dir(), context)
     manifest = json.loads((killed.run_dir() / "checkpoints/step-00000010/manifest.json").read_text())
     assert manifest["sharding"] == "fsdp2" and "shards/__1_0.distcp" in manifest["files"]
+
+
+def test_perf_switches_under_fsdp2_equal_the_plain_run(tmp_path):
+    """Prefix sharing + packing (unit attention), the chunked LM head (run outside the model's forward, on
+    the root unit's gathered weights) and gradient checkpointing, all sharded on 2 processes."""
+    perf = {"prefix_sharing": True, "packing": True, "logps_chunk": 64, "gradient_checkpointing": 1}
+    plain = tiny_config(tmp_path, train={"run_name": "plain", "batch_size": 8, "max_steps": 4})
+    two = tiny_config(tmp_path, perf=perf, train={"run_name": "two", "batch_size": 4, "max_steps": 4},
+                      parallel=FSDP)
+    train(plain)
+    torchrun(two, tmp_path, nproc=2)
+    close_runs(two.run_dir(), plain.run_dir())
