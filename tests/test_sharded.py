@@ -209,13 +209,15 @@ def test_unsupported_sharded_combinations_stop_before_any_work(tmp_path, overrid
         tiny_config(tmp_path, parallel=FSDP, **overrides)
 
 
-def test_accelerate_fsdp_plugin_is_refused_with_what_to_do(tmp_path):
+@pytest.mark.parametrize("engine, message", [("FSDP", "configs/accelerate/fsdp.yaml.*parallel.sharding=fsdp2"),
+                                             ("DEEPSPEED", "steps the optimiser inside backward.*fsdp.yaml")])
+def test_accelerate_fsdp_and_deepspeed_engines_are_refused_with_what_to_do(tmp_path, engine, message):
     from accelerate.utils import DistributedType
 
-    class Launched:  # what Accelerate reports when launched with distributed_type FSDP
-        distributed_type = DistributedType.FSDP
+    class Launched:  # what Accelerate reports when launched with that distributed_type
+        distributed_type = getattr(DistributedType, engine)
 
-    with pytest.raises(ValueError, match="configs/accelerate/fsdp.yaml.*parallel.sharding=fsdp2"):
+    with pytest.raises(ValueError, match=message):
         sharding.check_engine(tiny_config(tmp_path), Launched())
 
 
