@@ -11,9 +11,12 @@ reduction happens in the same order, so kill -9 + resume must give the uninterru
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -25,10 +28,17 @@ from preftune.train import train
 
 from .conftest import read_metrics, tiny_config
 from .test_distributed import torchrun
-from .test_resume import DROPOUT, assert_same_run, run_killing_at
+from .test_resume import DROPOUT, assert_same_run, launch, rows_written, run_killing_at
 
 FSDP = {"sharding": "fsdp2"}
 STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_group():
+    """A run that stops with an error never reaches train()'s end, where the one-process group goes."""
+    yield
+    sharding.release_process_group()
 
 
 def close_runs(got: Path, want: Path, atol: float = 1e-6) -> None:
@@ -255,12 +265,33 @@ def test_sharded_save_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL `pid` and every process descended from it, all at once (a node that dies); returns them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+    return tree
+
+
 def test_sharded_sigkill_then_resume_equals_uninterrupted_bit_for_bit(tmp_path):
     """kill -9 of launcher and both workers at a random step (possibly mid-save), then --resume: bitwise
     the uninterrupted 2-process run (dropout on, so the per-process RNG states must come back too)."""
     seed = random.randrange(1 << 30)
-    steps = 10
-    kill_at = random.Random(seed).randrange(2, steps - 3)
+    steps = 30  # tiny steps take milliseconds: the kill lands a few steps after it is called for
+    # after step 4 the step-2 checkpoint is complete, so the resume starts from a checkpoint, not afresh
+    kill_at = random.Random(seed).randrange(4, steps - 10)
 
     def cfg_for(name: str) -> tuple[config.Config, Path]:
         cfg = tiny_config(tmp_path / name, train={"run_name": name, "batch_size": 4, "max_steps": steps,
@@ -272,12 +303,23 @@ def test_sharded_sigkill_then_resume_equals_uninterrupted_bit_for_bit(tmp_path):
 
     killed, killed_path = cfg_for("killed")
     whole, whole_path = cfg_for("whole")
-    codes = run_killing_at(killed_path, killed.run_dir(), [kill_at], processes=2)
-    context = f"seed {seed}, killed after step {kill_at}, exit codes {codes}"
-    assert codes[0] == -signal.SIGKILL, context
+    proc = launch(killed_path, resume=False, processes=2)
+    while proc.poll() is None and rows_written(killed.run_dir()) < kill_at:
+        time.sleep(0.01)
+    workers = kill_tree(proc.pid)
+    proc.communicate()
+    assert len(workers) >= 3, workers  # the launcher and both workers died (torchrun's workers have their own
+    # process group, so killing the launcher's group alone leaves them running to the end)
+    resumed_from = checkpoint.newest_valid(killed.run_dir())
+    context = f"seed {seed}, killed after step {kill_at} (exit {proc.returncode}), resumed from {resumed_from}"
+    assert proc.returncode == -signal.SIGKILL and resumed_from is not None, context
+    assert int(resumed_from.name.removeprefix("step-")) < steps, context  # the resume has steps left to run
+    resumed = launch(killed_path, resume=True, processes=2)
+    stderr = resumed.communicate()[1]
+    assert resumed.returncode == 0, f"{context}: resume exited {resumed.returncode}: {stderr[-3000:]}"
     run_killing_at(whole_path, whole.run_dir(), [], processes=2)
     assert_same_run(killed.run_dir(), whole.run_dir(), context)
-    manifest = json.loads((killed.run_dir() / "checkpoints/step-00000010/manifest.json").read_text())
+    manifest = json.loads((killed.run_dir() / "checkpoints/step-00000030/manifest.json").read_text())
     assert manifest["sharding"] == "fsdp2" and "shards/__1_0.distcp" in manifest["files"]
 
 
