@@ -1,14 +1,20 @@
 """LoRA: only adapter weights train; the merged export computes what the adapter model computes; training
-continued from an adapter uses that adapter, not the bare base, as its reference."""
+continued from an adapter uses that adapter, not the bare base, as its reference; a LoRA run's directory is
+evaluated, sampled, reported and exported like any run's."""
+
+import dataclasses
+import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from preftune import cli, config, lora
+from preftune import cli, config, heldout, lora
 from preftune.data import collate, load_pairs
+from preftune.evaluate import sample
 from preftune.modeling import load_model, load_tokenizer
+from preftune.reference import weights_digest
 from preftune.train import train
 
 from .conftest import EXAMPLE_PAIRS, read_metrics
@@ -106,3 +112,86 @@ def test_unpaired_kto_with_adapters_off_equals_a_frozen_copy(tiny):
         for key in ("loss", "rewards/chosen", "rewards/rejected"):
             if a[key] is not None:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+def test_a_lora_run_is_evaluated_sampled_reported_and_exported_from_its_directory(tiny, tmp_path, capsys):
+    """A random-init base: the run directory alone (config.yaml's arch + seed, final/'s adapter) is all that
+    eval, generate, report and export need; offline eval gives the numbers the loop's eval gave."""
+    cfg = tiny(lora=LORA, optim={"lr": 1e-2}, reference={"mode": "adapters_off"}, data={"eval": str(EXAMPLE_PAIRS)},
+               eval={"prompts": 4, "max_new_tokens": 5, "batch_size": 4},
+               train={"max_steps": 3, "eval_every": 3, "run_name": "lora"})
+    run_dir = train(cfg)
+    # the loop's held-out eval: the adapter model against the base with adapters off
+    in_training = read_metrics(run_dir)[-1]
+    assert abs(in_training["eval/rewards/margins"]) > 1e-3  # the adapter moved away from the base
+
+    assert cli.main(["eval", str(run_dir), "--quiet", "eval.n_boot=50", "judge.name=length"]) == 0
+    result = json.loads((run_dir / "eval.json").read_text())
+    for key in heldout.PAIR_KEYS:
+        assert result["metrics"][key]["mean"] == pytest.approx(in_training[f"eval/{key}"], rel=1e-4, abs=1e-5), key
+    # the same prompts, seed, batches (4 prompts: no padded shard) and models: the same samples and KL
+    assert result["kl"]["mean"] == pytest.approx(in_training["eval/kl"], rel=1e-4, abs=1e-5)
+    assert 0.0 <= result["win_rate"]["mean"] <= 1.0
+
+    out = tmp_path / "side_by_side.jsonl"
+    assert cli.main(["generate", str(run_dir), "--prompts", str(EXAMPLE_PAIRS), "--num-prompts", "3",
+                     "--max-new-tokens", "6", "--seed", "3", "--out", str(out), "--quiet"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    _, adapter_model, tokenizer = lora.load_adapter_model(run_dir)
+    base = load_model(cfg.model, tokenizer, seed=cfg.train.seed).eval()
+    prompts = [row["prompt"] for row in rows]
+    settings = {"n_per_prompt": 1, "max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "seed": 3,
+                "batch_size": 16, "progress": False}
+    assert [row["policy"] for row in rows] == sample(adapter_model, tokenizer, prompts, **settings).completions
+    assert [row["reference"] for row in rows] == sample(base, tokenizer, prompts, **settings).completions
+
+    assert cli.main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert "win rate over reference (length)" in page and "KL(policy || reference)" in page
+
+    merged = tmp_path / "merged"
+    assert cli.main(["export", str(run_dir), str(merged)]) == 0
+    capsys.readouterr()
+    # a merged model has no config.yaml and its random base no directory: eval says which run to evaluate
+    assert cli.main(["eval", str(merged), "--quiet"]) == 2
+    assert f"evaluate the run itself (`preftune eval {run_dir.resolve()}`)" in capsys.readouterr().err
+    assert cli.main(["eval", str(run_dir / "final"), "--quiet"]) == 2
+    assert "holds a LoRA adapter, not a model: pass the run directory" in capsys.readouterr().err
+
+    # the random base is rebuilt from arch + seed and checked against the digest the run recorded
+    assert json.loads((run_dir / lora.BASE_RECORD).read_text())["sha256"] == weights_digest(base)
+    reseeded = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 1))
+    config.save(reseeded, run_dir / "config.yaml")  # what another initialisation would look like
+    with pytest.raises(ValueError, match="base_weights.json: the base rebuilt .* is not the one this run trained"):
+        heldout.load_target(run_dir)
+
+
+def test_a_lora_run_on_a_base_directory_evaluates_and_its_export_matches_it(tiny, tmp_path, capsys):
+    """A base from a HF directory: eval rebuilds it as policy base and reference; the merged export, evaluated
+    against that directory, gives the run's numbers; a base that moved away is a located error, not a hub call."""
+    tokenizer = load_tokenizer(tiny().model)
+    base_dir = tmp_path / "base"
+    load_model(tiny().model, tokenizer, seed=5).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    cfg = tiny(model={"path": str(base_dir), "arch": {}, "tokenizer": ""}, lora=LORA, optim={"lr": 1e-2},
+               data={"eval": str(EXAMPLE_PAIRS)}, eval={"prompts": 0},
+               train={"max_steps": 3, "eval_every": 3, "run_name": "lora-dir"})
+    run_dir = train(cfg)
+    in_training = read_metrics(run_dir)[-1]
+    assert abs(in_training["eval/rewards/margins"]) > 1e-3
+
+    assert cli.main(["eval", str(run_dir), "--quiet", "eval.n_boot=50"]) == 0
+    from_run = json.loads((run_dir / "eval.json").read_text())["metrics"]
+    merged = tmp_path / "merged"
+    assert cli.main(["export", str(run_dir), str(merged)]) == 0
+    assert cli.main(["eval", str(merged), "--reference", str(base_dir), "--data", str(EXAMPLE_PAIRS), "--quiet",
+                     "--out", str(tmp_path / "merged_eval.json"), "eval.prompts=0", "eval.n_boot=50",
+                     "data.max_length=128", "data.max_prompt_length=64"]) == 0
+    from_export = json.loads((tmp_path / "merged_eval.json").read_text())["metrics"]
+    for key in heldout.PAIR_KEYS:
+        assert from_run[key]["mean"] == pytest.approx(in_training[f"eval/{key}"], rel=1e-4, abs=1e-5), key
+        assert from_export[key]["mean"] == pytest.approx(from_run[key]["mean"], rel=1e-4, abs=1e-4), key
+
+    base_dir.rename(tmp_path / "moved")
+    with pytest.raises(ValueError, match=r"config.yaml: model.path .*base.*could not be loaded"):
+        heldout.load_target(run_dir)

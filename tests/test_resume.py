@@ -9,11 +9,14 @@ import json
 import logging
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,7 +46,9 @@ def with_(cfg: config.Config, **dotted) -> config.Config:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "final" / "model.safetensors")
+    """The exported weights: the whole model, or the adapter alone under LoRA."""
+    (weights,) = [p for p in (run_dir / "final").glob("*.safetensors")]
+    return load_file(weights)
 
 
 def assert_same_run(run_dir: Path, reference_dir: Path, context: str = "") -> None:
@@ -68,6 +73,7 @@ def single_threaded():
 
 @pytest.fixture
 def one_thread():
+    """Also for tests that need no bit-identity: on 2 shared cores a second torch thread mostly waits."""
     threads = single_threaded()
     yield
     torch.set_num_threads(threads)
@@ -119,7 +125,7 @@ def test_resume_restores_the_rng_it_depends_on(tmp_path, one_thread, reference, 
     assert not torch.equal(final_weights(run_dir)["lm_head.weight"], final_weights(reference)["lm_head.weight"])
 
 
-def test_existing_run_needs_resume_or_overwrite(tmp_path):
+def test_existing_run_needs_resume_or_overwrite(tmp_path, one_thread):
     cfg = resumable(tmp_path, "run", max_steps=3)
     run_dir = train(cfg)
     with pytest.raises(FileExistsError, match="--resume"):
@@ -172,7 +178,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, one_threa
     assert not list((run_dir / "checkpoints").glob(".*"))
 
 
-def test_explicitly_named_damaged_checkpoint_is_refused(tmp_path):
+def test_explicitly_named_damaged_checkpoint_is_refused(tmp_path, one_thread):
     run_dir = train(resumable(tmp_path, "run", max_steps=3))
     ckpt = run_dir / "checkpoints" / "step-00000003"
     corrupt_bytes(ckpt)
@@ -181,7 +187,7 @@ def test_explicitly_named_damaged_checkpoint_is_refused(tmp_path):
         train(cfg)
 
 
-def test_cli_resume_errors_are_one_clear_line(tmp_path, capsys):
+def test_cli_resume_errors_are_one_clear_line(tmp_path, capsys, one_thread):
     cfg = resumable(tmp_path, "run")
     config.save(cfg, tmp_path / "run.yaml")
     missing = tmp_path / "nowhere"
@@ -190,9 +196,9 @@ def test_cli_resume_errors_are_one_clear_line(tmp_path, capsys):
     assert err.startswith("preftune: error: train.resume:") and str(missing) in err and "Traceback" not in err
 
 
-def test_keeps_only_the_newest_checkpoints(tmp_path):
-    run_dir = train(resumable(tmp_path, "run", max_steps=10, save_every=2, keep_checkpoints=3))
-    assert [s for s, _ in checkpoint._steps(run_dir)] == [6, 8, 10]
+def test_keeps_only_the_newest_checkpoints(tmp_path, one_thread):
+    run_dir = train(resumable(tmp_path, "run", max_steps=8, save_every=2, keep_checkpoints=2))
+    assert [s for s, _ in checkpoint._steps(run_dir)] == [6, 8]
     assert all(checkpoint.verify(d) is None for _, d in checkpoint._steps(run_dir))
 
 
@@ -201,7 +207,7 @@ class Exploit:
         return (os.system, ("touch pwned",))
 
 
-def test_checkpoint_with_pickled_objects_is_refused(tmp_path, monkeypatch):
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path, monkeypatch, one_thread):
     """Even with a matching manifest (an attacker can recompute checksums), state.pt never runs code."""
     monkeypatch.chdir(tmp_path)
     run_dir = train(resumable(tmp_path, "run", max_steps=3))
@@ -269,16 +275,17 @@ def free_port() -> int:
 
 
 def launch(cfg_path: Path, resume: bool, processes: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     args = ["train", str(cfg_path)] + (["--resume"] if resume else [])
     if processes == 1:
         cmd = [sys.executable, "-m", "preftune", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                f"--master_port={free_port()}", "-m", "preftune", *args]
-    # own session: the kill takes the launcher and all its workers, like a node that dies
-    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    # own session: the kill takes the launcher and all its workers, like a node that dies. Both streams are
+    # kept (stderr into stdout): the test reads the step the run says it resumed at
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def rows_written(run_dir: Path) -> int:
@@ -288,21 +295,39 @@ def rows_written(run_dir: Path) -> int:
         return 0
 
 
-def run_killing_at(cfg_path: Path, run_dir: Path, kill_steps: list[int], processes: int) -> list[int]:
+RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
+
+
+def run_killing_at(cfg_path: Path, run_dir: Path, kill_steps: list[int], processes: int,
+                   before_resume: Callable[[], None] = lambda: None) -> list[int]:
     """Start the run, SIGKILL it once metrics.jsonl shows step k (it dies wherever it is by then, possibly
-    mid-checkpoint), resume, repeat for each k; return the exit codes."""
+    mid-checkpoint), resume, repeat for each k; return the exit codes. Each resumed process must say it
+    resumed at the step of the newest valid checkpoint left behind (a restart at step 0 would still end
+    equal to the uninterrupted run: the step is what tells a resume from a restart), and resumes.jsonl
+    must record it."""
     codes = []
     for i, k in enumerate([*kill_steps, None]):
+        if i > 0:
+            before_resume()
+        newest = checkpoint.newest_valid(run_dir) if i > 0 else None
         proc = launch(cfg_path, resume=i > 0, processes=processes)
         while k is not None and proc.poll() is None:
             if rows_written(run_dir) >= k:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.01)
-        stderr = proc.communicate()[1]
+        output = proc.communicate()[0]
         codes.append(proc.returncode)
         if k is None:
-            assert proc.returncode == 0, stderr[-3000:]
+            assert proc.returncode == 0, output[-3000:]
+        if i > 0 and (k is None or RESUMED.search(output)):  # a run killed early may not have said it yet
+            assert newest is not None, "the kill left no valid checkpoint: this test would not test a resume"
+            step = int(newest.name.removeprefix("step-"))
+            assert RESUMED.search(output) and RESUMED.search(output).groups() == (str(newest), str(step)), \
+                f"expected a resume at step {step} from {newest}:\n{output[-3000:]}"
+        if i > 0 and k is None:
+            records = [json.loads(line) for line in (run_dir / "resumes.jsonl").read_text().splitlines()]
+            assert records[-1]["step"] == step and records[-1]["changed"] == {}, records
     return codes
 
 
@@ -311,7 +336,8 @@ def run_killing_at(cfg_path: Path, run_dir: Path, kill_steps: list[int], process
 def test_sigkilled_repeatedly_and_resumed_equals_uninterrupted(tmp_path, grad_accum, processes, n_kills):
     seed = random.randrange(1 << 30)
     steps = 18
-    kills = sorted(random.Random(seed).sample(range(2, steps - 5), n_kills))
+    # from step 4 on, the checkpoint of step 3 is complete: every kill leaves one to resume from
+    kills = sorted(random.Random(seed).sample(range(4, steps - 5), n_kills))
     batch = 8 // grad_accum // processes
     cfg = resumable(tmp_path, "run", max_steps=steps, grad_accum=grad_accum, batch_size=batch)
     cfg_path = tmp_path / "run.yaml"
@@ -332,3 +358,46 @@ def test_sigkilled_repeatedly_and_resumed_equals_uninterrupted(tmp_path, grad_ac
         run_killing_at(tmp_path / "ref.yaml", ref_cfg.run_dir(), [], processes)
         reference = ref_cfg.run_dir()
     assert_same_run(cfg.run_dir(), reference, context)
+
+
+# kill -9 with each feature that keeps state or changes the numbers a checkpoint must reproduce
+LORA = {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+FEATURES = {
+    "linear_schedule": {"optim": {"schedule": "linear"}},
+    "cosine_schedule": {"optim": {"schedule": "cosine"}},
+    "packing": {"perf": {"packing": True}},
+    "prefix_sharing": {"perf": {"prefix_sharing": True}},
+    "precomputed_reference": {"reference": {"mode": "precomputed"}},
+    "lora": {"lora": LORA},
+    "kto": {"loss": {"name": "kto"}, "data": {"train": str(REPO / "tests" / "fixtures" / "unpaired.jsonl")}},
+}
+FAST_FEATURES = {"linear_schedule"}  # the rest run in the slow suite: each costs two process starts
+
+
+def feature_config(tmp_path: Path, name: str, feature: str, steps: int) -> config.Config:
+    sections = {k: dict(v) for k, v in FEATURES[feature].items()}
+    cfg = tiny_config(tmp_path / name, **{"train": {"max_steps": steps, "save_every": 3}, **sections})
+    return config.replace(cfg, "model.arch", {**cfg.model.arch, **DROPOUT})
+
+
+@pytest.mark.parametrize("feature", [f if f in FAST_FEATURES else pytest.param(f, marks=pytest.mark.slow)
+                                     for f in FEATURES])
+def test_sigkilled_and_resumed_with_each_feature_equals_uninterrupted(tmp_path, feature):
+    """Killed once metrics.jsonl shows step 5 (the step-3 checkpoint is then complete), resumed in a fresh
+    process that must say it resumed at the newest valid checkpoint's step, and ending bit-identical."""
+    steps = 8
+    cfg = feature_config(tmp_path, "run", feature, steps)
+    config.save(cfg, tmp_path / "run.yaml")
+    def lose_cache() -> None:
+        """precomputed: the resumed process must rebuild the table from the starting weights, not the
+        checkpoint's (with the cache left, a table built from the wrong weights would go unnoticed)."""
+        shutil.rmtree(cfg.run_dir().parent / "ref_cache", ignore_errors=True)
+
+    codes = run_killing_at(tmp_path / "run.yaml", cfg.run_dir(), [5], processes=1, before_resume=lose_cache)
+    assert codes[0] == -signal.SIGKILL, codes
+    threads = single_threaded()
+    try:
+        reference = train(feature_config(tmp_path, "ref", feature, steps))
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_run(cfg.run_dir(), reference, feature)

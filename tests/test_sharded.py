@@ -120,7 +120,7 @@ def test_resume_that_would_change_pairs_per_step_stops(dpo_runs):
     ckpt = dpo_runs["two"].run_dir() / "checkpoints/step-00000003"
     wrong = tiny_config(dpo_runs["tmp"], train={"run_name": "wrong", "batch_size": 4, "max_steps": STEPS,
                                                 "resume": str(ckpt)}, parallel=FSDP)
-    with pytest.raises(checkpoint.CheckpointError, match=r"= 8 pairs per step; this run has 1 x 4 x 1 = 4"):
+    with pytest.raises(config.ConfigError, match=r"pairs per step .*4 x 1 x 2 = 8 -> 4 x 1 x 1 = 4"):
         train(wrong)
     assert not (wrong.run_dir() / "final").exists()
 

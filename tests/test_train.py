@@ -6,7 +6,8 @@ from preftune import config
 from preftune.data import collate, load_pairs
 from preftune.logps import sequence_logps
 from preftune.modeling import load_model, load_tokenizer
-from preftune.train import lr_factor, train
+from preftune.schedule import lr_factor
+from preftune.train import train
 
 from .conftest import EXAMPLE_PAIRS, read_metrics
 

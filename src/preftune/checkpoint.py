@@ -4,7 +4,7 @@ A checkpoint holds everything needed to continue a run exactly as if it had neve
 
     run_dir/checkpoints/step-00000120/
         model.safetensors   the policy's trainable weights and buffers (frozen weights come from model.path again)
-        state.pt            optimiser, scheduler, every registered stateful component and each process's RNG
+        state.pt            optimiser, lr schedule, every registered stateful component and each process's RNG
                             states; tensors, numbers and strings only, so it loads with weights_only=True
         trainer_state.json  the step counter (the data position follows from it), world size, batch shape
         config.yaml         the resolved config of the run that wrote it
@@ -21,10 +21,12 @@ then lists every shard file; the same temporary directory, fsync, rename and man
 
 from __future__ import annotations
 
+import datetime
 import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -55,9 +57,32 @@ CHECKPOINTS = "checkpoints"
 FILES = ("model.safetensors", "state.pt", "trainer_state.json", "config.yaml")
 SHARDS = "shards"  # DCP directory of a sharded checkpoint
 SHARDED_FILES = (f"{SHARDS}/.metadata", "state.pt", "trainer_state.json", "config.yaml")
-# keys that may change between a run and its resumption without changing what the run computes
-RUN_CONTROL = {"train.resume", "train.overwrite", "train.progress", "train.max_steps", "train.epochs",
-               "train.save_every", "train.keep_checkpoints", "train.max_bad_steps", "train.log_every"}
+RESUMES = "resumes.jsonl"
+# What a resume may change, by config field (docs/robustness.md, "Resuming with a changed config"):
+# run control changes where and how the run reports, saves and stops, never a number it computes: free.
+RUN_CONTROL = {"train.resume", "train.overwrite", "train.progress", "train.save_every", "train.keep_checkpoints",
+               "train.max_bad_steps", "train.log_every", "train.output_dir", "train.run_name", "data.cache",
+               "data.cache_dir", "reference.cache_dir", "perf.mmap_threshold_kb", "log.tensorboard", "log.wandb",
+               "log.wandb_project", "log.wandb_mode", "parallel.reshard_after_forward"}
+# the learning-rate curve: applied from the resumed step on, re-planned without a jump (schedule.Schedule)
+SCHEDULE = {"optim.lr", "optim.warmup_steps", "optim.schedule", "train.max_steps", "train.epochs"}
+# how a step's pairs are split into micro-batches and processes: free while the pairs per step (batch_size x
+# grad_accum x processes) stay the checkpoint's, since the batch stream and the loss (a mean over the step's
+# pairs) depend on that product alone; except for a loss that estimates a KL term from each micro-batch
+# (KTO), for which the layout is part of the numbers
+LAYOUT = {"train.batch_size", "train.grad_accum"}
+# Every other field is fixed: model, data and tokenisation, loss and its hyperparameters, reference, LoRA,
+# seed, optimiser hyperparameters (the optimiser's state_dict would restore the old ones), evaluation, and the
+# perf switches that change float rounding. A change is refused, and so
+# is a change to a field added later and not listed above: a new field is safe until someone classifies it.
+
+
+def resume_class(key: str) -> str:
+    """run_control, schedule, layout or fixed: how a resume treats a change of the dotted config `key`."""
+    for name, keys in (("run_control", RUN_CONTROL), ("schedule", SCHEDULE), ("layout", LAYOUT)):
+        if key in keys:
+            return name
+    return "fixed"
 
 
 class CheckpointError(RuntimeError):
@@ -84,7 +109,9 @@ def prepare_run_dir(cfg: config.Config, accelerator: Accelerator) -> tuple[Path,
                     "to replace it")
             shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(cfg, run_dir / "config.yaml")
+        if resume_from is None or not (run_dir / "config.yaml").exists():
+            # a resume keeps the config the run started with; resumes.jsonl records what each resume changed
+            config.save(cfg, run_dir / "config.yaml")
     resume_from = broadcast_object_list([resume_from])[0]
     accelerator.wait_for_everyone()
     return run_dir, resume_from
@@ -295,9 +322,12 @@ def _prune(run_dir: Path, step: int, keep: int) -> None:
 # --- reading ---
 
 def load(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful: dict[str, Any],
-         cfg: config.Config) -> tuple[int, dict[str, Any]]:
-    """Restore weights, stateful components and this process's RNG from `ckpt`; returns its step and the
-    `extra` values saved with it.
+         cfg: config.Config) -> tuple[int, dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """Restore weights, stateful components and this process's RNG from `ckpt`; returns its step, the
+    `extra` values saved with it and the config fields that differ from its config (key -> (old, new)).
+    A changed field that RUN_CONTROL, SCHEDULE and LAYOUT do not list, or a LAYOUT change that changes the
+    numbers, is refused (ConfigError) before anything loads; schedule changes are the caller's to apply
+    (schedule.Schedule.resume).
 
     Nothing here unpickles objects: weights come from safetensors and state.pt loads with weights_only=True,
     which accepts tensors and plain containers only.
@@ -315,6 +345,9 @@ def load(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful:
                               f"and plain data, which could run code ({str(err).splitlines()[0]})") from None
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {ckpt} could not be read: {err}") from None
+    changes = config_changes(saved_cfg, cfg)
+    # before anything is restored: the run stops where it was
+    refuse_fixed_changes(ckpt, changes, cfg, trainer_state, accelerator.num_processes)
     unwrapped = accelerator.unwrap_model(model)
     try:
         result = unwrapped.load_state_dict(weights, strict=False)
@@ -330,22 +363,65 @@ def load(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful:
         obj.load_state_dict(state["stateful"][name])
     rank = accelerator.process_index
     if trainer_state["world_size"] != accelerator.num_processes:
-        log.warning("%s was written by %d process(es), this run has %d: the data split and RNG streams "
-                    "differ from an uninterrupted run", ckpt, trainer_state["world_size"], accelerator.num_processes)
+        log.warning("%s was written by %d process(es), this run has %d: each step has the same pairs, but the "
+                    "RNG streams (dropout) differ from an uninterrupted run's", ckpt, trainer_state["world_size"],
+                    accelerator.num_processes)
     set_rng_state(state["rng"][rank % len(state["rng"])])
-    changed = _changed_keys(saved_cfg, cfg)
-    if changed and accelerator.is_main_process:
-        log.warning("resuming %s with a changed config (%s): the run will differ from an uninterrupted one",
-                    ckpt, ", ".join(changed))
-    return int(trainer_state["step"]), state["extra"]
+    return int(trainer_state["step"]), state["extra"], changes
 
 
-def _changed_keys(saved: config.Config, current: config.Config) -> list[str]:
+def config_changes(saved: config.Config, current: config.Config) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (checkpoint's value, this run's value) of every field that differs, train.resume aside
+    (it always does: it is how the run got here)."""
     def flat(cfg: config.Config) -> dict[str, Any]:
         return {f"{s}.{k}": v for s, sub in config.to_dict(cfg).items() for k, v in sub.items()}
 
     old, new = flat(saved), flat(current)
-    return [k for k in new if k not in RUN_CONTROL and k != "train.run_name" and old.get(k) != new[k]]
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+            if k != "train.resume" and old.get(k) != new.get(k)}
+
+
+def refuse_fixed_changes(ckpt: Path, changes: dict[str, tuple[Any, Any]], cfg: config.Config,
+                         trainer_state: dict[str, Any], processes: int) -> None:
+    """A ConfigError listing every change that a resume can not make, with old -> new values: each changed
+    fixed field, and a batch layout (LAYOUT) that changes the pairs per step or the KL estimate's batch."""
+    from preftune.losses import LOSSES  # late: as config does
+
+    fixed = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items() if resume_class(k) == "fixed"]
+    before = (trainer_state["batch_size"], trainer_state["grad_accum"], trainer_state["world_size"])
+    after = (cfg.train.batch_size, cfg.train.grad_accum, processes)
+    if math.prod(before) != math.prod(after):
+        fixed.append("pairs per step (train.batch_size x train.grad_accum x processes): "
+                     f"{' x '.join(map(str, before))} = {math.prod(before)} -> "
+                     f"{' x '.join(map(str, after))} = {math.prod(after)}")
+    elif before != after and LOSSES[cfg.loss.name].kl_estimate:
+        fixed.append(f"batch layout (train.batch_size x train.grad_accum x processes): {' x '.join(map(str, before))}"
+                     f" -> {' x '.join(map(str, after))} (loss {cfg.loss.name!r} estimates its KL term from each "
+                     "micro-batch and its processes)")
+    if fixed:
+        raise config.ConfigError(
+            f"train.resume: {ckpt} was written with other values of fields that fix what the run computes, "
+            f"which a resume can not change: {'; '.join(fixed)}. Set them back to resume, or start a new run "
+            "(another train.run_name, e.g. from the exported weights with model.path)")
+
+
+def record_resume(run_dir: Path, step: int, ckpt: Path | None, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append this resume (step, checkpoint, changed fields old -> new, time) to run_dir/resumes.jsonl, after
+    dropping the records of resumes at `step` or later: like metrics.jsonl's rows, they belong to the steps
+    this resume trains again. A fresh start (ckpt None, step 0) leaves no record."""
+    path = run_dir / RESUMES
+    rows = [line + "\n" for line in (path.read_text().splitlines() if path.exists() else [])
+            if json.loads(line)["step"] < step]
+    if ckpt is not None:
+        when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        rows.append(json.dumps({"step": step, "checkpoint": str(ckpt), "time": when,
+                                "changed": {k: list(v) for k, v in changes.items()}}) + "\n")
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    _write_file(tmp, lambda p: p.write_text("".join(rows)))
+    tmp.replace(path)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -493,10 +569,11 @@ def _save_sharded(accelerator: Accelerator, run_dir: Path, step: int, model: tor
 
 
 def _load_sharded(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful: dict[str, Any],
-                  cfg: config.Config) -> tuple[int, dict[str, Any]]:
+                  cfg: config.Config) -> tuple[int, dict[str, Any], dict[str, tuple[Any, Any]]]:
     """`load` for an FSDP2 policy. DCP reads each process's part of every tensor whatever number of
     processes wrote it (resharding), so another process count works as long as a step still means the same
-    pairs: pairs per step (processes x batch_size x grad_accum) must equal the checkpoint's, or it stops."""
+    pairs: pairs per step (processes x batch_size x grad_accum) must equal the checkpoint's, or it stops
+    (refuse_fixed_changes, as for every other field that fixes the numbers)."""
     try:
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
         trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -506,16 +583,10 @@ def _load_sharded(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, 
                               f"and plain data, which could run code ({str(err).splitlines()[0]})") from None
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {ckpt} could not be read: {err}") from None
+    changes = config_changes(saved_cfg, cfg)
+    # before anything is restored: the run stops where it was
+    refuse_fixed_changes(ckpt, changes, cfg, trainer_state, accelerator.num_processes)
     world = accelerator.num_processes
-    saved_per_step = trainer_state["world_size"] * trainer_state["batch_size"] * trainer_state["grad_accum"]
-    per_step = world * cfg.train.batch_size * cfg.train.grad_accum
-    if saved_per_step != per_step:
-        raise CheckpointError(
-            f"{ckpt} was written by {trainer_state['world_size']} process(es) x train.batch_size "
-            f"{trainer_state['batch_size']} x train.grad_accum {trainer_state['grad_accum']} = {saved_per_step} "
-            f"pairs per step; this run has {world} x {cfg.train.batch_size} x {cfg.train.grad_accum} = {per_step}, "
-            "so its step counter would point at other pairs. Set train.batch_size and train.grad_accum so that "
-            f"processes x batch_size x grad_accum = {saved_per_step}")
     optimizer = stateful["optimizer"]
     model_state, optim_state = get_state_dict(model, optimizer)  # templates: the shards this process holds
     try:
@@ -536,8 +607,4 @@ def _load_sharded(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, 
                     "resharded; per-process RNG streams (dropout) differ from an uninterrupted run",
                     ckpt, trainer_state["world_size"], world)
     set_rng_state(state["rng"][accelerator.process_index % len(state["rng"])])
-    changed = _changed_keys(saved_cfg, cfg)
-    if changed and accelerator.is_main_process:
-        log.warning("resuming %s with a changed config (%s): the run will differ from an uninterrupted one",
-                    ckpt, ", ".join(changed))
-    return int(trainer_state["step"]), state["extra"]
+    return int(trainer_state["step"]), state["extra"], changes

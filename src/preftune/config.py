@@ -218,7 +218,9 @@ class TrainConfig:
     """How many of the newest complete checkpoints to keep; older ones are deleted after each save."""
     resume: str = "never"
     """never: start afresh; auto (`--resume`): continue from the newest valid checkpoint of this run (afresh if
-    there is none); or the path of a checkpoint (or of a run directory) to continue from."""
+    there is none); or the path of a checkpoint (or of a run directory) to continue from. A resume may change
+    the lr schedule (applied from the resumed step) and run controls, not what the run computes: see
+    docs/robustness.md."""
     max_bad_steps: int = 5
     """Stop after this many optimiser steps in a row with a non-finite loss or gradient (each one is skipped)."""
 

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from preftune import config
+from preftune import config, lora
 from preftune.data import DataError, TokenizedPair, collate
 from preftune.data.records import Text
 from preftune.evaluate import Samples, bootstrap_ci, per_prompt_mean, sample, sequence_kl
@@ -57,7 +57,12 @@ def reference_model(cfg: config.Config, tokenizer) -> torch.nn.Module:
 
 def load_target(path: str | Path, reference: str | Path | None = None) -> Target:
     """A run directory (policy = run/final, reference rebuilt from run/config.yaml) or a bare HF model
-    directory (then `reference`, another model directory, is required: a bare model has no known start)."""
+    directory (then `reference`, another model directory, is required: a bare model has no known start).
+
+    A LoRA run's final/ holds the adapter alone: the policy is then the run's base (model.path, or the same
+    random model from model.arch and train.seed) with that adapter loaded, unmerged, as it trained; the
+    reference is rebuilt as for any run (for fresh adapters, the base itself: what adapters_off computed).
+    """
     path = Path(path)
     if (path / "config.yaml").is_file():
         cfg = config.load(path / "config.yaml")
@@ -65,19 +70,26 @@ def load_target(path: str | Path, reference: str | Path | None = None) -> Target
         if not policy_dir.is_dir():
             raise ValueError(f"{path}: run has no exported policy at {policy_dir} (did training finish?)")
         run_dir: Path | None = path
+    elif lora.is_adapter_dir(path):
+        raise ValueError(f"{path} holds a LoRA adapter, not a model: pass the run directory that holds its "
+                         "config.yaml (e.g. the adapter's parent), from which the base and the reference are rebuilt")
     elif path.is_dir():
         if reference is None:
             raise ValueError(f"{path} is a model directory, not a run (no config.yaml): pass --reference "
-                             "MODEL_DIR to name the model it is compared against")
+                             f"MODEL_DIR to name the model it is compared against{lora.merged_from_hint(path)}")
         cfg = config.from_dict({"model": {"path": str(path)}})
         policy_dir, run_dir = path, None
     else:
         raise ValueError(f"{path}: no such run or model directory")
-    model_cfg = dataclasses.replace(cfg.model, path=str(policy_dir), arch={}, tokenizer="")
-    tokenizer = load_tokenizer(model_cfg)
-    policy = load_model(model_cfg, tokenizer).eval()
+    if run_dir is not None and lora.is_adapter_dir(policy_dir):
+        _, policy, tokenizer = lora.load_adapter_model(run_dir, policy_dir)
+    else:
+        model_cfg = dataclasses.replace(cfg.model, path=str(policy_dir), arch={}, tokenizer="")
+        tokenizer = load_tokenizer(model_cfg)
+        policy = load_model(model_cfg, tokenizer).eval()
     if reference is not None:
-        ref_model = load_model(dataclasses.replace(model_cfg, path=str(reference)), tokenizer).eval()
+        ref_cfg = dataclasses.replace(cfg.model, path=str(reference), arch={}, tokenizer="", adapter_path="")
+        ref_model = load_model(ref_cfg, tokenizer).eval()
     else:
         ref_model = reference_model(cfg, tokenizer)
     # one process: both models on the GPU when there is one (sampling a multi-billion model on CPU takes days)

@@ -192,6 +192,11 @@ class _AdaptersOff(torch.nn.Module):
         super().__init__()
         self._held = (policy, peft)  # a tuple, not submodules: this wrapper owns no parameters
 
+    def parameters(self, recurse: bool = True):
+        """The policy's, never trained through this wrapper: code that finds a model's device from its first
+        parameter (evaluate.completion_logps, scoring KL samples in the loop's eval) needs one."""
+        return self._held[0].parameters(recurse)
+
     def forward(self, *args, **kwargs):
         policy, peft = self._held
         was_training = policy.training

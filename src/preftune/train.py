@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -25,23 +25,12 @@ from preftune.logps import batch_logps, sequence_logps
 from preftune.losses import RunningMean, UnpairedLogps, bind, pair_logps
 from preftune.modeling import apply_speedups, load_model, load_tokenizer
 from preftune.reference import Reference
+from preftune.schedule import Schedule
 
 # metrics that are means over the step's examples, each summed with its own count (KTO's chosen and rejected
 # counts differ); rewards/margins = rewards/chosen - rewards/rejected
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
-
-
-def lr_factor(step: int, total: int, optim: OptimConfig) -> float:
-    """Linear warm-up to 1 (the DPO paper), then constant, linear decay or cosine decay to 0."""
-    if step < optim.warmup_steps:
-        return (step + 1) / (optim.warmup_steps + 1)
-    if optim.schedule == "constant":
-        return 1.0
-    progress = (step - optim.warmup_steps) / max(1, total - optim.warmup_steps)
-    if optim.schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def build_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig,
@@ -63,13 +52,45 @@ def sync_reference(reference: torch.nn.Module, policy: torch.nn.Module, alpha: f
         ref_param.lerp_(policy_param.to(ref_param.dtype), alpha)
 
 
+@dataclasses.dataclass
+class _Progress:
+    """What train() needs to know from inside the loop when a run fails."""
+
+    main_process: bool = False  # the main process alone writes the run directory, so it alone removes one
+    steps: int = 0  # optimiser steps this call has taken
+
+
 def train(cfg: Config) -> Path:
-    """Train the policy the config describes; returns the run directory (export in `final/`)."""
+    """Train the policy the config describes; returns the run directory (export in `final/`).
+
+    A run that stops before its first optimiser step (a refused setting, a data error, a model that does not
+    load, out of memory in step 1, Ctrl-C) leaves its run directory as it found it, absent or empty, so a retry
+    under the same name starts clean. A directory that already held something (a run resumed or overwritten)
+    is never removed, and neither is a run that took a step: its metrics say how far it got.
+    """
+    run_dir = cfg.run_dir()
+    existed = run_dir.is_dir()
+    found_empty = not existed or not any(run_dir.iterdir())  # judged before this call writes anything
+    progress = _Progress()
+    try:
+        return _train(cfg, progress)
+    except BaseException:
+        sharding.release_process_group()  # the one-process FSDP2 group this run started, if any
+        if found_empty and progress.main_process and not progress.steps:
+            shutil.rmtree(run_dir, ignore_errors=True)  # best effort: never hides the error being raised
+            if existed:
+                run_dir.mkdir()
+        raise
+
+
+def _train(cfg: Config, progress: _Progress) -> Path:
+    """The loop itself; `progress` tells train() whether a failure leaves anything worth keeping."""
     # Accelerate only runs several CPU processes (gloo) when told the run is on CPU
     cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     sharded = sharding.enabled(cfg)
     # sharded, bf16 is FSDP2's mixed-precision policy (sharding.shard), not Accelerate's autocast
     accelerator = Accelerator(mixed_precision="no" if sharded else cfg.train.mixed_precision, cpu=cpu_only)
+    progress.main_process = accelerator.is_main_process
     sharding.check_engine(cfg, accelerator)  # before any work: Accelerate's own FSDP/DeepSpeed plugins
     set_seed(cfg.train.seed)
     sinks.check_available(cfg)  # on every rank, before anything is written: a missing package stops all of them
@@ -97,6 +118,8 @@ def train(cfg: Config) -> Path:
     # --- models ---
     policy = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
     if cfg.lora.enabled:
+        if not cfg.model.path and accelerator.is_main_process:  # final/ will hold the adapter alone
+            lora.record_random_base(run_dir, cfg, policy)  # what eval and export must rebuild from arch + seed
         policy = lora.wrap(policy, cfg.lora, cfg.model.adapter_path)
     # before Accelerate wraps the policy, so a copy is of the bare module; mode none builds nothing
     reference = Reference.build(cfg, policy, tokenizer)
@@ -119,8 +142,7 @@ def train(cfg: Config) -> Path:
     total_steps = data.steps_for(len(pairs), pairs_per_step, cfg.train.epochs, cfg.train.max_steps)
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optim,
                                 fused=cfg.perf.fused_adamw)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, cfg.optim))
+    schedule = Schedule(cfg.optim, total_steps)  # sets each step's lr; a resume may re-plan it
     if not sharded:  # FSDP2 reduces gradients itself: no DDP wrapper around it
         policy, optimizer = accelerator.prepare(policy, optimizer)
     # precomputed: one no-grad pass (or the cache) now, and no reference model from here on. Before any
@@ -136,20 +158,26 @@ def train(cfg: Config) -> Path:
     # what a checkpoint holds besides the weights: name -> object with state_dict()/load_state_dict().
     # Components with state of their own (a loss's running mean, a synced reference) register here.
     nonfinite = guard.NonFiniteGuard(cfg.train.max_bad_steps)
-    stateful = {"optimizer": optimizer, "scheduler": scheduler, "nonfinite": nonfinite}
+    stateful = {"optimizer": optimizer, "schedule": schedule, "nonfinite": nonfinite}
     if accelerator.scaler is not None:  # fp16 loss scale
         stateful["scaler"] = accelerator.scaler
     if cfg.loss.ref_sync != "none":  # TR-DPO moves the reference
         stateful["reference"] = accelerator.unwrap_model(reference.model)
     # BCO's reward shift, identical on all ranks
     running = RunningMean() if loss_fn.running_state and not sft_stage else None
-    start_step = 0
+    start_step, changes = 0, {}
     if resume_from is not None:
-        start_step, extra = checkpoint.load(accelerator, resume_from, policy, stateful, cfg)
+        # fields that fix the numbers must match the checkpoint's config (refused otherwise); schedule
+        # fields take effect from here on, the curve continuing from the last trained step's lr
+        start_step, extra, changes = checkpoint.load(accelerator, resume_from, policy, stateful, cfg)
         running = RunningMean(**extra["running"]) if running is not None else None
-        say(f"resumed from {resume_from} at step {start_step}")
+        replanned = schedule.resume(start_step, cfg.optim, total_steps)
+        say(f"resumed from {resume_from} at step {start_step}"
+            + (f"; lr schedule re-planned from step {start_step + 1}" if replanned else "")
+            + "".join(f"; {k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
     if accelerator.is_main_process:
         checkpoint.truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        checkpoint.record_resume(run_dir, start_step, resume_from, changes)
 
     # --- loop ---
     global_batch = cfg.train.batch_size * world
@@ -232,11 +260,13 @@ def train(cfg: Config) -> Path:
         sums = accelerator.reduce(sums, reduction="sum")  # before the check: every process sees the same loss
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = sharding.as_float(accelerator.clip_grad_norm_(policy.parameters(), max_norm))
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        lr = schedule.lr(step)  # the rate this step uses
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         if nonfinite.check(accelerator, step + 1, sums[0].item(), float(grad_norm), records):
             optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        progress.steps = step + 1  # from here on a failure keeps the run directory
         if cfg.loss.ref_sync != "none" and (step + 1) % cfg.loss.ref_sync_every == 0:
             alpha = 1.0 if cfg.loss.ref_sync == "hard" else cfg.loss.ref_sync_alpha
             sync_reference(accelerator.unwrap_model(reference.model), accelerator.unwrap_model(policy), alpha)
