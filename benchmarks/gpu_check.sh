@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_check.sh --fetch-wheels
 # then, there (the device tool carries .whl):
 #   bash benchmarks/gpu_check.sh OUT_DIR [gpu_check.py options]
+# (with this workplace's device tool: command "bash benchmarks/gpu_check.sh $OUT", carry [".whl"], timeout 600;
+# then copy gpu_check.json and gpu_check.txt into benchmarks/results/gpu/ and commit them)
 #   bash benchmarks/gpu_check.sh OUT_DIR --cpu        # the same on CPU (tests/test_gpu_check.py runs this)
 set -euo pipefail
 cd "$(dirname "$0")/.."

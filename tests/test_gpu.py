@@ -107,16 +107,20 @@ def test_fsdp2_on_one_device_trains_checkpoints_resumes_and_exports(tmp_path):
     sharded = _device_config(tmp_path, "sharded", parallel={"sharding": "fsdp2"}, train={"save_every": 2})
     train(plain)
     train(sharded)
+    # CPU: the same arithmetic (bitwise in practice). CUDA: kernels with atomics (index_add, attention
+    # backward) round in a varying order, and AdamW turns a rounding-level gradient into an O(lr) step
+    # either way, so 4 steps at lr 1e-3 may move single weights ~1e-5 apart
+    tol = {"rtol": 1e-5, "atol": 1e-5} if DEVICE.type == "cpu" else {"rtol": 1e-3, "atol": 2e-4}
     want = load_file(plain.run_dir() / "final" / "model.safetensors")
     got = load_file(sharded.run_dir() / "final" / "model.safetensors")
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(got[name], want[name], **tol, msg=name)
     resumed = _device_config(tmp_path, "resumed", parallel={"sharding": "fsdp2"},
                              train={"resume": str(sharded.run_dir() / "checkpoints" / "step-00000002")})
     train(resumed)
     again = load_file(resumed.run_dir() / "final" / "model.safetensors")
     for name in want:
-        torch.testing.assert_close(again[name], got[name], rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(again[name], got[name], **tol, msg=name)
     bf16 = _device_config(tmp_path, "bf16", parallel={"sharding": "fsdp2"}, train={"mixed_precision": "bf16"})
     train(bf16)
     for a, b in zip(read_metrics(plain.run_dir()), read_metrics(bf16.run_dir()), strict=True):
