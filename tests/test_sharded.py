@@ -333,3 +333,21 @@ def test_perf_switches_under_fsdp2_equal_the_plain_run(tmp_path):
     train(plain)
     torchrun(two, tmp_path, nproc=2)
     close_runs(two.run_dir(), plain.run_dir())
+
+
+def test_held_out_pair_metrics_under_fsdp2_equal_the_plain_runs(tmp_path):
+    """In-training eval of the held-out pairs (eval.prompts=0: pair metrics, no sampling) on 2 sharded
+    processes: each scores its equal-length shard of the pairs with the sharded policy and reference."""
+    sections = {"data": {"eval_fraction": 0.25}, "eval": {"prompts": 0, "batch_size": 2}}
+    plain = tiny_config(tmp_path, **sections, train={"run_name": "plain", "batch_size": 4, "max_steps": 4,
+                                                     "eval_every": 2})
+    two = tiny_config(tmp_path, **sections, train={"run_name": "two", "batch_size": 2, "max_steps": 4,
+                                                   "eval_every": 2}, parallel=FSDP)
+    train(plain)
+    torchrun(two, tmp_path, nproc=2)
+    want = [r for r in read_metrics(plain.run_dir()) if "eval/loss" in r]
+    got = [r for r in read_metrics(two.run_dir()) if "eval/loss" in r]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
+    for a, b in zip(want, got, strict=True):
+        for key in (k for k in a if k.startswith("eval/")):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)

@@ -775,9 +775,10 @@ def _validate_sharding(cfg: Config) -> None:
         "perf.compile=true": (cfg.perf.compile, "compiling FSDP2's per-layer hooks is untested here; turn it off"),
         f"loss.ref_sync={cfg.loss.ref_sync!r}": (cfg.loss.ref_sync != "none",
                                                  "TR-DPO's reference update is not run sharded; use none"),
-        f"train.eval_every={cfg.train.eval_every}": (
-            cfg.train.eval_every > 0,
-            "in-training eval (and its sampling) is not run sharded; evaluate the export with `preftune eval`"),
+        f"train.eval_every={cfg.train.eval_every} and eval.prompts={cfg.eval.prompts}": (
+            cfg.train.eval_every > 0 and cfg.eval.prompts > 0,
+            "in-training sampling (win rate, KL) is not run sharded; set eval.prompts=0 for the held-out pair "
+            "metrics alone, and sample from the export with `preftune eval`"),
     }
     for fields, (on, why) in refused.items():
         if on:
