@@ -1,8 +1,8 @@
 """train(cfg): the whole preference-training loop, top to bottom.
 
-The same code runs on 1 process or N (DDP / FSDP / DeepSpeed through Accelerate): every process sees the
-same stream of global batches and takes its own contiguous slice, so 1 process x batch 8 and 2 processes x
-batch 4 consume the same pairs in the same order.
+The same code runs on 1 process or N (DDP through Accelerate; FSDP2 with parallel.sharding): every
+process sees the same stream of global batches and takes its own contiguous slice, so 1 process x batch 8
+and 2 processes x batch 4 consume the same pairs in the same order.
 """
 
 from __future__ import annotations
