@@ -1,8 +1,12 @@
-"""Shared fixtures: tiny random models and configs built in code, no downloads."""
+"""Shared fixtures: tiny random models and configs built in code, no downloads; every cache a test could
+fill is pointed under a temporary directory, never the user's ~/.cache."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,31 @@ import pytest
 from preftune import config
 
 REPO = Path(__file__).resolve().parents[1]
+# what defaults to $HOME: the demo's assets (PREFTUNE_CACHE, else $XDG_CACHE_HOME/preftune), matplotlib's font
+# cache, the HF hub, Chromium's crash-report settings ($XDG_CONFIG_HOME/chromium). Set before any test module
+# imports transformers or matplotlib (they read these at import) and inherited by the subprocesses tests start
+# (torchrun, the CLI, Chromium).
+HOME_CACHES = {"PREFTUNE_CACHE": "preftune", "XDG_CACHE_HOME": "xdg-cache", "XDG_CONFIG_HOME": "xdg-config",
+               "HF_HOME": "huggingface", "MPLCONFIGDIR": "matplotlib"}
+
+
+def pytest_configure(config):
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    config.cache_home = Path(tempfile.mkdtemp(prefix="preftune-tests-"))
+    for name, sub in HOME_CACHES.items():
+        os.environ[name] = str(config.cache_home / sub)
+    set_hypothesis_home_dir(config.cache_home / "hypothesis")  # not .hypothesis/ in the checkout
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config.cache_home, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test's PREFTUNE_CACHE is its own tmp dir (module-scoped fixtures run under the session's above)."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "preftune-cache"))
 EXAMPLE_PAIRS = REPO / "examples" / "pairs.jsonl"
 
 TINY_ARCH = {

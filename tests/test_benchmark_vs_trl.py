@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO
 
 
+@pytest.mark.slow  # a benchmark run: the 6M model built, warmed up and timed in a subprocess (~1.5 min)
 def test_vs_trl_runs_preftunes_arms_end_to_end(tmp_path):
     out = tmp_path / "result.json"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))

@@ -101,9 +101,10 @@ def test_cache_hit_skips_tokenisation_and_a_change_retokenises(tmp_path, tok, mo
     assert len(list(cache.glob("*.safetensors"))) == 4
 
 
-def test_training_reuses_the_cache_under_the_output_dir(tiny):
+def test_training_reuses_the_cache_under_the_output_dir(tiny, monkeypatch):
     from preftune.data.load import cache_dir_for
 
+    monkeypatch.delenv("PREFTUNE_CACHE")  # the default place, as a user without the variable gets it
     cfg = tiny()
     assert cache_dir_for(cfg) == cfg.run_dir().parent / ".cache"
     pairs, report = data.load_pairs(cfg.data.train, byte_tokenizer(), cfg.data, cache_dir=cache_dir_for(cfg))

@@ -1,4 +1,7 @@
-"""Two CPU processes (gloo, through torchrun + Accelerate) against one: same pairs, same numbers."""
+"""Two CPU processes (gloo, through torchrun + Accelerate) against one: same pairs, same numbers.
+
+Marked slow like every multi-process test (each torchrun costs ~20-30 s of process start-up and gloo on
+2 cores); the one-process split equivalences (tests/test_invariance.py) stay in the fast suite."""
 
 import json
 import os
@@ -35,6 +38,7 @@ def torchrun(cfg: config.Config, tmp_path, nproc: int) -> subprocess.CompletedPr
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_two_processes_equal_one_process(tmp_path, accum):
     steps = 12
@@ -63,6 +67,7 @@ def test_two_processes_equal_one_process(tmp_path, accum):
     assert json.loads((run_two / "data_report.json").read_text())["used"] == 16
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_between_one_and_two_processes(tmp_path):
     """A checkpoint written by 2 processes resumes in 1 and vice versa, reaching the uninterrupted weights.
 
@@ -93,3 +98,25 @@ def test_checkpoint_moves_between_one_and_two_processes(tmp_path):
         assert [r["step"] for r in rows] == [4, 5, 6]
         for a, b in zip(read_metrics(one.run_dir())[3:], rows, strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_kto_two_processes_equal_one_process(tmp_path):
+    """KTO's z0 is summed over both processes' mismatched rows with their counts (not a mean of two means):
+    2 processes x batch 2 x accumulation 2 take the steps of 1 process x batch 8."""
+    steps, lr = 6, {"lr": 1e-2}  # lr 1e-2: z0 leaves 0 within these steps (see test_invariance)
+    kto = {"loss": {"name": "kto"}, "data": {"train": str(REPO / "tests" / "fixtures" / "unpaired.jsonl")}}
+    one = tiny_config(tmp_path, **kto, optim=lr, train={"run_name": "one", "batch_size": 8, "max_steps": steps})
+    two = tiny_config(tmp_path, **kto, optim=lr, train={"run_name": "two", "batch_size": 2, "grad_accum": 2,
+                                                        "max_steps": steps})
+    run_one = train(one)
+    torchrun(two, tmp_path, nproc=2)
+    rows_one, rows_two = read_metrics(run_one), read_metrics(two.run_dir())
+    assert len(rows_two) == steps
+    for a, b in zip(rows_one, rows_two, strict=True):
+        for key in a.keys() - LOOSE_KEYS:
+            assert (b[key] is None) if a[key] is None else b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
+    w_one = load_file(run_one / "final" / "model.safetensors")
+    w_two = load_file(two.run_dir() / "final" / "model.safetensors")
+    for name in w_one:
+        torch.testing.assert_close(w_two[name], w_one[name], rtol=1e-5, atol=1e-5)

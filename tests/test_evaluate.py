@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from preftune import evaluate
+from preftune import config, evaluate, heldout
 from preftune.modeling import byte_tokenizer
 
 
@@ -131,3 +132,44 @@ def test_compare_pairs_by_prompt():
     assert cmp.win_rate[0] == pytest.approx(1.0)
     assert cmp.kl[0] == pytest.approx(2.0)
     assert cmp.num_prompts == 2 and cmp.as_dict()["reward_gain"][0] == pytest.approx(0.25)
+
+
+class UnigramLM(torch.nn.Module):
+    """A 'model' whose next-token distribution ignores the context: three tokens with fixed probabilities, so
+    every sequence log-prob is a sum of known logs."""
+
+    def __init__(self, probs: list[float]):
+        super().__init__()
+        self.log_probs = torch.nn.Parameter(torch.tensor(probs).log(), requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.log_probs.expand(*input_ids.shape, 3)  # (B, T, 3): the same distribution at every position
+        return types.SimpleNamespace(logits=logits)
+
+
+A, B, C = 0, 1, 2  # the three tokens; prompt "token" 0 too, padding 0
+
+
+def test_sequence_kl_and_the_in_training_kl_row_by_hand(monkeypatch):
+    """policy p = (1/2, 1/4, 1/4), reference q = (1/4, 1/4, 1/2) over tokens (a, b, c). Per-sample log-ratios
+    sum log p(y_t) - log q(y_t): [a, b] -> ln 2 + 0 = ln 2; [a] -> ln 2; [c] -> -ln 2; [b] -> 0.
+    Prompt 0 has samples [a, b] and [a] (mean ln 2), prompt 1 has [c] and [b] (mean -ln 2 / 2); eval/kl is the
+    mean over prompts with weight 1, here ln 2 / 4 (which is also the exact KL(p || q) of one token)."""
+    policy, reference = UnigramLM([0.5, 0.25, 0.25]), UnigramLM([0.25, 0.25, 0.5])
+    samples = evaluate.Samples(["p0", "p1"], 2, [[A], [A, B]], [[A, B], [A], [C], [B]], ["ab", "a", "c", "b"])
+    kl = evaluate.sequence_kl(policy, reference, samples, batch_size=3, pad_id=0)
+    ln2 = math.log(2)
+    np.testing.assert_allclose(kl, [ln2, ln2, -ln2, 0.0], atol=1e-6)
+
+    # the in-training path: sample -> sequence_kl -> per-prompt means -> weighted sums -> eval/kl
+    monkeypatch.setattr(heldout, "sample", lambda *args, **kwargs: samples)
+    ev = config.EvalConfig(n_per_prompt=2, batch_size=3)
+    tokenizer = types.SimpleNamespace(pad_token_id=0)
+
+    def eval_kl(weights: list[float]) -> float:
+        sums = heldout.kl_sums(policy, policy, reference, tokenizer, samples.prompts, torch.tensor(weights), ev,
+                               synced_gpus=False, device="cpu")
+        return heldout.eval_row(torch.ones(len(heldout.PAIR_KEYS) + 1), sums)["eval/kl"]
+
+    assert eval_kl([1.0, 1.0]) == pytest.approx(ln2 / 4, abs=1e-6)
+    assert eval_kl([1.0, 0.0]) == pytest.approx(ln2, abs=1e-6)  # a padding copy (weight 0) counts for nothing

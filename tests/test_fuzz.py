@@ -1,8 +1,9 @@
 """Property-based fuzzing of the two doors input comes through: the data loader and the config parser.
 
 Any input yields a valid result or a preftune error (DataError / ConfigError) that names the file, the line
-and the field (or the key): never a traceback from inside json, yaml or a tokenizer, and never a record that
-silently disappears.
+and the field (or the key): never a traceback from inside json, yaml or a tokenizer (any other exception fails
+the test), and never a record that silently disappears (every line is used or reported by its number).
+The data loader runs 500 generated files in the fast suite and 10,000 in the slow one.
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ from hypothesis import strategies as st
 
 from preftune import config
 from preftune.data import DataError, load_pairs, read_jsonl
+from preftune.data.load import refuse_invalid
+from preftune.data.records import CANONICAL_FIELDS
 from preftune.modeling import byte_tokenizer
 
 from .conftest import REPO
 
 TOKENIZER = byte_tokenizer()
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True,  # same examples in every CI run
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,  # same examples every run
                  suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ_FAST = settings(FUZZ, max_examples=500)
+FUZZ_SLOW = settings(FUZZ, max_examples=10_000, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                        HealthCheck.too_slow])
 
 # --- data ---
 
@@ -74,41 +80,84 @@ def write(tmp_path: Path, lines: list[bytes], newline: bytes = b"\n") -> Path:
     return path
 
 
-def records_in(lines: list[bytes]) -> int:
-    """Lines that hold something (blank lines separate records and are not records)."""
-    return sum(1 for line in lines if line.decode("utf-8", "replace").strip())
+def record_lines(lines: list[bytes]) -> set[int]:
+    """Line numbers that hold something (blank lines separate records and are not records)."""
+    return {n for n, line in enumerate(lines, start=1) if line.decode("utf-8", "replace").strip()}
 
 
-def assert_located(err: DataError, path: Path, lines: int) -> re.Match:
-    """The message starts with the file and, when a line is to blame, that line (one the file has)."""
-    match = re.match(re.escape(str(path)) + r"(?::(\d+))?: \S", str(err))
-    assert match, f"unlocated error: {err}"
-    if match.group(1):
-        assert 1 <= int(match.group(1)) <= lines, str(err)
-    return match
+# what a rejection may name as its field: a whole-record problem, or a field some shape reads (maybe nested,
+# e.g. info.post, summaries[0].text)
+FIELDS = {"record", *CANONICAL_FIELDS}
+LOCATED = re.compile(r"(?P<path>.+?):(?P<line>\d+): (?P<field>[A-Za-z_][\w.\[\]]*): \S")
 
 
-@FUZZ
-@given(lines=st.lists(line_bytes, max_size=6), crlf=st.booleans())
-def test_data_loader_result_or_located_error(tmp_path, lines, crlf):
-    path = write(tmp_path, lines, b"\r\n" if crlf else b"\n")
+def assert_located(message: str, path: Path, lines: set[int]) -> int:
+    """The message is `file:line: field: problem`, the line one that holds a record, the field a known one;
+    returns the line."""
+    match = LOCATED.match(message)
+    assert match and match["path"] == str(path), f"not 'file:line: field: problem': {message}"
+    assert int(match["line"]) in lines, f"names line {match['line']}, which holds no record: {message}"
+    assert re.split(r"[.\[]", match["field"])[0] in FIELDS, f"names no field: {message}"
+    return int(match["line"])
+
+
+def check_data_file(path: Path, lines: list[bytes]) -> None:
+    """Strict reading: every record, or one located rejection. Loading: every record used or reported
+    skipped with a located reason, none dropped silently; and the refusal of invalid records lists them so."""
+    with_records = record_lines(lines)
     try:
         records = read_jsonl(path)
     except DataError as err:
-        assert_located(err, path, len(lines))
+        if with_records:
+            assert_located(str(err), path, with_records)
+        else:  # nothing to read: the one error that names no line, since no line is to blame
+            assert str(err) == f"{path}: no records"
     else:
-        assert len(records) == records_in(lines)  # every non-blank line is a record, none vanished
-        assert len({r.source for r in records}) == len(records)
+        assert sorted(int(r.source.rsplit(":", 1)[1]) for r in records) == sorted(with_records)
+
+    cfg = config.DataConfig(max_length=64, max_prompt_length=32, skip_invalid=True)
     try:
-        pairs, report = load_pairs(path, TOKENIZER, config.DataConfig(max_length=64, max_prompt_length=32))
+        pairs, report = load_pairs(path, TOKENIZER, cfg)
     except DataError as err:
-        assert_located(err, path, len(lines))
-    else:
-        # every record is accounted for: used, or skipped with a located reason
-        assert report.records == records_in(lines)
-        assert report.used + getattr(report, "held_out", 0) + len(report.skipped) == report.records
-        assert report.used == len(pairs) > 0
-        assert all(s.startswith(f"{path}:") for s in report.skipped)
+        if err.report is None:  # a rejection of the source at a record: the record deciding its shape
+            assert_located(str(err), path, with_records)
+            return
+        report, pairs = err.report, []
+        assert str(err).startswith(f"{path}: no usable pairs") and report.used == 0
+    # every record is accounted for, by its line: used, or skipped with a located reason
+    assert report.records == len(with_records)
+    skipped = [assert_located(problem, path, with_records) for problem in report.skipped]
+    used = [int(pair.source.rsplit(":", 1)[1]) for pair in pairs]
+    assert report.used == len(pairs) and report.held_out == 0
+    assert sorted(used + skipped) == sorted(with_records)  # 0 silent drops, nothing counted twice
+    # without skip_invalid the same invalid records stop the load, each listed with its place
+    if report.invalid:
+        with pytest.raises(DataError) as refused:
+            refuse_invalid(report, dataclasses.replace(cfg, skip_invalid=False))
+        listed = str(refused.value).split(" invalid record(s) of ", 1)[1].split(": ", 1)[1]
+        for problem in report.first_invalid[:5]:
+            assert problem in listed
+            assert_located(problem, path, with_records)
+
+
+files = st.tuples(st.lists(line_bytes, max_size=6), st.booleans())
+
+
+@FUZZ_FAST
+@given(case=files)
+def test_data_loader_result_or_located_error(tmp_path, case):
+    """500 files of up to 6 lines (FUZZ_FAST)."""
+    lines, crlf = case
+    check_data_file(write(tmp_path, lines, b"\r\n" if crlf else b"\n"), lines)
+
+
+@pytest.mark.slow
+@FUZZ_SLOW
+@given(case=files)
+def test_data_loader_result_or_located_error_10000_files(tmp_path, case):
+    """The same on 10,000 files, past the fast run's 500 (different cases: hypothesis keeps drawing)."""
+    lines, crlf = case
+    check_data_file(write(tmp_path, lines, b"\r\n" if crlf else b"\n"), lines)
 
 
 @FUZZ

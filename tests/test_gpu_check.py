@@ -9,9 +9,12 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from .conftest import REPO
 
 
+@pytest.mark.slow  # a benchmark run, ~45 s
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     out = tmp_path / "out"
     # a clean checkout's view: no wheels carried (those in .whl/ are built for the GPU machine's Python)

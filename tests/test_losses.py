@@ -375,6 +375,7 @@ def test_needs_are_declared():
                                                                        if s.kl_estimate}
     assert {n for n, s in LOSSES.items() if s.running_state} == {"bco_pair"}
     assert {n for n, s in LOSSES.items() if s.nll} == {"rpo", "orpo"}
+    assert {n for n, s in LOSSES.items() if s.per_micro_batch} == {"aot"}
 
 
 def test_paper_defaults_apply_when_beta_is_unset():
@@ -392,7 +393,7 @@ def test_paper_defaults_apply_when_beta_is_unset():
     ({"loss": {"name": "robust", "params": {"label_smoothing": 0.5}}}, "[0, 0.5)"),
     ({"loss": {"name": "dpo", "divergence": "chi2"}}, "not one of"),
     ({"loss": {"name": "orpo", "ref_sync": "hard"}}, "no reference"),
-    ({"loss": {"name": "kto"}, "train": {"batch_size": 1}}, "batch_size >= 2"),
+    ({"loss": {"name": "kto"}, "train": {"batch_size": 1}}, "batch_size x grad_accum >= 2"),
     ({"loss": {"name": "dpo", "ld_alpha": 1.5}}, "[0, 1]"),
 ])
 def test_config_rejects_inapplicable_settings(raw, message):

@@ -55,6 +55,7 @@ def runs(tmp_path_factory) -> dict[str, config.Config]:
     return out
 
 
+@pytest.mark.slow  # two `preftune train` processes, ~50 s
 @pytest.mark.parametrize("name", ["bf16", "bf16_fsdp2"])
 def test_bf16_training_tracks_fp32(runs, name):
     fp32, bf16 = read_metrics(runs["fp32"].run_dir()), read_metrics(runs[name].run_dir())

@@ -5,6 +5,7 @@ exception or blocked request, and a screenshot is taken. No chromium is a failur
 import base64
 import json
 import os
+import select
 import shutil
 import subprocess
 import time
@@ -35,7 +36,10 @@ class DevTools:
 
     def _read(self, deadline: float) -> dict:
         while b"\0" not in self._buf:
-            assert time.monotonic() < deadline, "chromium did not answer within the time limit"
+            # wait for the pipe under the deadline: a bare os.read blocks for ever on a browser that hangs
+            left = deadline - time.monotonic()
+            readable, _, _ = select.select([self._from_browser], [], [], max(0.0, left))
+            assert readable, "chromium did not answer within the time limit"
             chunk = os.read(self._from_browser, 1 << 16)
             assert chunk, "chromium closed the DevTools pipe"
             self._buf += chunk

@@ -139,7 +139,8 @@ def test_every_field_is_classified_and_unlisted_ones_are_fixed():
 
 def test_a_batch_layout_may_change_only_where_it_changes_no_number(tmp_path):
     """batch_size x grad_accum x processes = the pairs of a step: a new split of them is free; a new
-    product, or any new split under KTO (its KL estimate comes from each micro-batch), is refused."""
+    product, or any new split under AOT (it sorts within each micro-batch), is refused; KTO's KL estimate spans
+    the whole step, so KTO splits freely like DPO."""
     def refusal(loss: str, batch_size: int, grad_accum: int, processes: int) -> str:
         cfg = tiny_config(tmp_path, loss={"name": loss}, train={"batch_size": batch_size, "grad_accum": grad_accum})
         changes = {"train.batch_size": (8, batch_size)} if batch_size != 8 else {}
@@ -154,7 +155,8 @@ def test_a_batch_layout_may_change_only_where_it_changes_no_number(tmp_path):
     assert "pairs per step (train.batch_size x train.grad_accum x processes): 8 x 1 x 1 = 8 -> 4 x 1 x 1 = 4" \
         in refusal("dpo", 4, 1, 1)
     assert "8 x 1 x 1 = 8 -> 8 x 1 x 2 = 16" in refusal("dpo", 8, 1, 2)  # more processes, same config
-    assert "8 x 1 x 1 -> 4 x 2 x 1 (loss 'kto' estimates its KL term" in refusal("kto", 4, 2, 1)
+    assert refusal("kto", 4, 2, 1) == refusal("kto", 2, 2, 2) == ""
+    assert "8 x 1 x 1 -> 4 x 2 x 1 (loss 'aot' works on each micro-batch" in refusal("aot", 4, 2, 1)
 
 
 # --- in a real run: a 6-step base run (checkpoints at 3 and 6), copied for each resume ---

@@ -56,7 +56,8 @@ def test_sft_reads_preference_and_completion_records_alike(tiny, tmp_path):
     # read through the data package's adapters: a located error, as for preference data
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "answer": "x"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:1: can't tell the data shape from the keys \['answer', 'prompt'\]"):
+    with pytest.raises(DataError,
+                       match=r"bad.jsonl:1: record: can't tell the data shape from the keys \['answer', 'prompt'\]"):
         sft.load_examples(bad, tokenizer, cfg.data)
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "rejected": "b"}\n'
                    '{"prompt": "r", "chosen": "only the chosen side is read"}\n')

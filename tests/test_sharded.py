@@ -7,6 +7,9 @@ differ by ~1e-7 absolute (measured: at most 6.3e-8 after 4 steps). We compare we
 atol 1e-6 and losses at 1e-5, 10x above that noise and far below what any real bug moves (one skipped
 pair, a wrong scale or one missed reduce moves the loss by > 1e-3). With the same process count every
 reduction happens in the same order, so kill -9 + resume must give the uninterrupted weights bit for bit.
+
+The tests that launch torchrun are in the slow suite (main's convention); the refusals and the torn-save
+test run in-process in the fast one.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def dpo_runs(tmp_path_factory) -> dict[str, config.Config]:
     return {"plain": plain, "two": two, "tmp": tmp}
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_fsdp2_two_processes_equal_one_unsharded_process(dpo_runs):
     close_runs(dpo_runs["two"].run_dir(), dpo_runs["plain"].run_dir())
     shards = dpo_runs["two"].run_dir() / "checkpoints" / "step-00000006" / checkpoint.SHARDS
@@ -80,6 +84,7 @@ def test_fsdp2_two_processes_equal_one_unsharded_process(dpo_runs):
     assert not (shards.parent / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_fsdp2_one_process_is_the_unsharded_run_bit_for_bit(dpo_runs, tmp_path):
     """One process: the sharded path (fully_shard over a group of one) does the unsharded arithmetic."""
     one = tiny_config(tmp_path, train={"run_name": "one", "batch_size": 8, "max_steps": STEPS}, parallel=FSDP)
@@ -89,6 +94,7 @@ def test_fsdp2_one_process_is_the_unsharded_run_bit_for_bit(dpo_runs, tmp_path):
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_sharded_export_loads_with_from_pretrained(dpo_runs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,6 +108,7 @@ def test_sharded_export_loads_with_from_pretrained(dpo_runs):
     assert model.config.use_cache  # restored for inference users
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_sharded_checkpoint_resumes_on_another_process_count(dpo_runs):
     """DCP reshards: the 2-process checkpoint of step 3 continues on 1 process (same 8 pairs per step) and
     ends where the uninterrupted run ends."""
@@ -116,6 +123,7 @@ def test_sharded_checkpoint_resumes_on_another_process_count(dpo_runs):
     assert_weights_close(got, want)
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_resume_that_would_change_pairs_per_step_stops(dpo_runs):
     ckpt = dpo_runs["two"].run_dir() / "checkpoints/step-00000003"
     wrong = tiny_config(dpo_runs["tmp"], train={"run_name": "wrong", "batch_size": 4, "max_steps": STEPS,
@@ -125,6 +133,7 @@ def test_resume_that_would_change_pairs_per_step_stops(dpo_runs):
     assert not (wrong.run_dir() / "final").exists()
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 @pytest.mark.parametrize("written, resumed", [("plain", FSDP), ("two", {"sharding": "none"})])
 def test_checkpoint_of_the_other_layout_is_refused(dpo_runs, written, resumed):
     ckpt = dpo_runs[written].run_dir() / "checkpoints/step-00000003"
@@ -134,6 +143,7 @@ def test_checkpoint_of_the_other_layout_is_refused(dpo_runs, written, resumed):
         train(cfg)
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_damaged_shard_is_detected(dpo_runs, tmp_path):
     import shutil
 
@@ -149,6 +159,7 @@ def test_damaged_shard_is_detected(dpo_runs, tmp_path):
     assert "shards/__1_0.distcp is missing" in checkpoint.verify(ckpt)
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_token_level_loss_two_processes_equal_one(tmp_path):
     """LD-DPO (per-token log-probs, loss.ld_alpha) through the sharded plain path: bit for bit the 2-process
     DDP run (the same two half-batch gradient sums, reduced in the same order), and the 1-process run to
@@ -170,6 +181,7 @@ def test_token_level_loss_two_processes_equal_one(tmp_path):
     close_runs(two.run_dir(), plain.run_dir(), atol=3e-5)
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_sharded_precomputed_reference_equals_unsharded(tmp_path):
     """The precompute pass runs sharded (each process scores its share, one gather): same table, same run."""
     ref = {"mode": "precomputed"}
@@ -187,6 +199,7 @@ def test_sharded_precomputed_reference_equals_unsharded(tmp_path):
     close_runs(two.run_dir(), plain.run_dir())
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_sharded_lora_with_adapters_off_reference_equals_unsharded(tmp_path):
     """LoRA under FSDP2: frozen base and trainable adapters share each layer's shard unit; the reference is
     the same sharded policy with adapters off. Exports the adapter, and `preftune export` merges it."""
@@ -285,6 +298,7 @@ def kill_tree(pid: int) -> list[int]:
     return tree
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_sharded_sigkill_then_resume_equals_uninterrupted_bit_for_bit(tmp_path):
     """kill -9 of launcher and both workers at a random step (possibly mid-save), then --resume: bitwise
     the uninterrupted 2-process run (dropout on, so the per-process RNG states must come back too)."""
@@ -323,6 +337,7 @@ def test_sharded_sigkill_then_resume_equals_uninterrupted_bit_for_bit(tmp_path):
     assert manifest["sharding"] == "fsdp2" and "shards/__1_0.distcp" in manifest["files"]
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_perf_switches_under_fsdp2_equal_the_plain_run(tmp_path):
     """Prefix sharing + packing (unit attention), the chunked LM head (run outside the model's forward, on
     the root unit's gathered weights) and gradient checkpointing, all sharded on 2 processes."""
@@ -335,6 +350,7 @@ def test_perf_switches_under_fsdp2_equal_the_plain_run(tmp_path):
     close_runs(two.run_dir(), plain.run_dir())
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_held_out_pair_metrics_under_fsdp2_equal_the_plain_runs(tmp_path):
     """In-training eval of the held-out pairs (eval.prompts=0: pair metrics, no sampling) on 2 sharded
     processes: each scores its equal-length shard of the pairs with the sharded policy and reference."""

@@ -25,23 +25,25 @@ def test_read_unpaired_errors_name_line_and_field(tmp_path):
         data.read_unpaired_jsonl(path)
 
 
-def test_collate_unpaired_mismatches_prompt_i_with_completion_i_minus_1():
+def test_collate_unpaired_and_mismatched_rows():
     tok = byte_tokenizer()
     examples = [data.TokenizedUnpaired([1, 2], [10, 11, 12], True, "a"),
                 data.TokenizedUnpaired([3], [20], False, "b"),
                 data.TokenizedUnpaired([4, 5, 6], [30, 31], True, "c")]
-    batch = data.collate_unpaired(examples, tok.pad_token_id, max_length=5)
+    batch = data.collate_unpaired(examples, tok.pad_token_id)
     assert batch.desirable.tolist() == [True, False, True]
     assert batch.matched.input_ids[1, :2].tolist() == [3, 20]
-    ids, labels = batch.mismatched.input_ids, batch.mismatched.labels
+    previous = examples[-1:] + examples[:-1]  # the loop's pairing: prompt k with completion k-1, cyclically
+    mismatched = data.collate_mismatched(examples, previous, tok.pad_token_id, max_length=5)
+    ids, labels = mismatched.input_ids, mismatched.labels
     assert ids[0, :4].tolist() == [1, 2, 30, 31] and labels[0, :4].tolist() == [-100, -100, 30, 31]
     assert ids[1, :4].tolist() == [3, 10, 11, 12]
     assert ids[2].tolist() == [4, 5, 6, 20] and labels[2, 3].item() == 20
+    assert mismatched.sources == ["a", "b", "c"]
     # a mismatched row longer than max_length loses completion tokens, keeping at least one
-    short = data.collate_unpaired(examples, tok.pad_token_id, max_length=3).mismatched.input_ids
+    short = data.collate_mismatched(examples, previous, tok.pad_token_id, max_length=3).input_ids
     assert short[0, :3].tolist() == [1, 2, 30] and short[1, :3].tolist() == [3, 10, 11]
-    with pytest.raises(data.DataError, match="at least 2"):
-        data.collate_unpaired(examples[:1], 0, 5)
+    assert short[2].tolist() == [4, 5, 6, 20]
 
 
 def test_token_logps_and_squared_mass_match_a_direct_computation():

@@ -68,8 +68,8 @@ RUN_CONTROL = {"train.resume", "train.overwrite", "train.progress", "train.save_
 SCHEDULE = {"optim.lr", "optim.warmup_steps", "optim.schedule", "train.max_steps", "train.epochs"}
 # how a step's pairs are split into micro-batches and processes: free while the pairs per step (batch_size x
 # grad_accum x processes) stay the checkpoint's, since the batch stream and the loss (a mean over the step's
-# pairs) depend on that product alone; except for a loss that estimates a KL term from each micro-batch
-# (KTO), for which the layout is part of the numbers
+# pairs) depend on that product alone; except for a loss that works on each micro-batch as a whole
+# (LossSpec.per_micro_batch: AOT sorts within it), for which the layout is part of the numbers
 LAYOUT = {"train.batch_size", "train.grad_accum"}
 # Every other field is fixed: model, data and tokenisation, loss and its hyperparameters, reference, LoRA,
 # seed, optimiser hyperparameters (the optimiser's state_dict would restore the old ones), evaluation, and the
@@ -384,7 +384,7 @@ def config_changes(saved: config.Config, current: config.Config) -> dict[str, tu
 def refuse_fixed_changes(ckpt: Path, changes: dict[str, tuple[Any, Any]], cfg: config.Config,
                          trainer_state: dict[str, Any], processes: int) -> None:
     """A ConfigError listing every change that a resume can not make, with old -> new values: each changed
-    fixed field, and a batch layout (LAYOUT) that changes the pairs per step or the KL estimate's batch."""
+    fixed field, and a batch layout (LAYOUT) that changes the pairs per step, or any new split under a per-micro-batch loss."""
     from preftune.losses import LOSSES  # late: as config does
 
     fixed = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items() if resume_class(k) == "fixed"]
@@ -394,10 +394,10 @@ def refuse_fixed_changes(ckpt: Path, changes: dict[str, tuple[Any, Any]], cfg: c
         fixed.append("pairs per step (train.batch_size x train.grad_accum x processes): "
                      f"{' x '.join(map(str, before))} = {math.prod(before)} -> "
                      f"{' x '.join(map(str, after))} = {math.prod(after)}")
-    elif before != after and LOSSES[cfg.loss.name].kl_estimate:
+    elif before != after and LOSSES[cfg.loss.name].per_micro_batch:
         fixed.append(f"batch layout (train.batch_size x train.grad_accum x processes): {' x '.join(map(str, before))}"
-                     f" -> {' x '.join(map(str, after))} (loss {cfg.loss.name!r} estimates its KL term from each "
-                     "micro-batch and its processes)")
+                     f" -> {' x '.join(map(str, after))} (loss {cfg.loss.name!r} works on each micro-batch "
+                     "as a whole, so the split is part of its numbers)")
     if fixed:
         raise config.ConfigError(
             f"train.resume: {ckpt} was written with other values of fields that fix what the run computes, "

@@ -760,9 +760,9 @@ def _validate_loss(cfg: Config, spec: Any) -> None:
         raise ConfigError(f"loss.divergence: changes the log-ratio to a reference; {loss.name!r} has none")
     if loss.ref_sync != "none" and not spec.needs_reference:
         raise ConfigError(f"loss.ref_sync: {loss.name!r} uses no reference model to update")
-    if spec.kl_estimate and cfg.train.batch_size < 2:
-        raise ConfigError(f"train.batch_size: {loss.name!r} estimates its KL term from mismatched pairs "
-                          "within a batch, which needs batch_size >= 2")
+    if spec.kl_estimate and cfg.train.batch_size * cfg.train.grad_accum < 2:
+        raise ConfigError(f"train.batch_size: {loss.name!r} estimates its KL term from mismatched pairs within "
+                          "an optimiser step, which needs batch_size x grad_accum >= 2")
 
 
 def _validate_sharding(cfg: Config) -> None:

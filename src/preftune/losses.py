@@ -101,9 +101,9 @@ class UnpairedLogps:
     lengths: Tensor
     desirable: Tensor
     """(B,) bool: the completion is desirable (True) or undesirable (False)"""
-    kl_estimate: Tensor
-    """() mean over the batch's mismatched (x_i, y_j) pairs of log pi(y_j|x_i) - log pi_ref(y_j|x_i),
-    averaged over processes by the loop"""
+    kl_estimate: Tensor | None
+    """() mean over the optimiser step's mismatched (x_i, y_j) pairs of log pi(y_j|x_i) - log pi_ref(y_j|x_i),
+    over every micro-batch and process (the loop's step_kl_estimate); None for a loss without kl_estimate"""
 
     def logratios(self) -> Tensor:
         return self.policy_logps - self.ref_logps
@@ -292,7 +292,8 @@ def aot(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOu
     optimal transport in 1-D, i.e. the (label-smoothed) DPO loss on sorted quantiles:
         delta_(i) = sort(r_w)_(i) - sort(r_l)_(i);  -(1 - eps) log sigma(beta delta) - eps log sigma(-beta delta).
     It asks the chosen rewards to dominate the rejected ones in distribution (first-order stochastic
-    dominance), not pair by pair. The quantiles are those of the micro-batch on each process."""
+    dominance), not pair by pair. The quantiles are those of the B pairs given: in training, one micro-batch
+    of train.batch_size pairs on one process (LossSpec.per_micro_batch), not the whole optimiser step."""
     chosen_sorted, _ = torch.sort(lp.chosen_logratios())
     rejected_sorted, _ = torch.sort(lp.rejected_logratios())
     delta = chosen_sorted - rejected_sorted  # (B,) quantile i of chosen minus quantile i of rejected
@@ -342,10 +343,12 @@ def kto(ulp: UnpairedLogps, *, beta: float = 0.1, desirable_weight: float = 1.0,
     """KTO, Ethayarajh et al. 2024 (arXiv:2402.01306), the constant lambda_y dropped:
         desirable:   lambda_D (1 - sigma(beta (r - z0)))
         undesirable: lambda_U (1 - sigma(beta (z0 - r)))
-    z0 = max(0, KL estimate), detached: the mean log-ratio of mismatched (x, y') pairs of the batch.
+    z0 = max(0, KL estimate), detached: the mean log-ratio of mismatched (x, y') pairs of the optimiser step.
     The paper suggests lambda_D n_D / (lambda_U n_U) in [1, 4/3]. An example counts as ranked right when
     its log-ratio lies on its side of z0."""
     r = ulp.logratios()  # (B,)
+    if ulp.kl_estimate is None:
+        raise ValueError("KTO needs the step's KL estimate (LossSpec.kl_estimate); this batch has none")
     z0 = ulp.kl_estimate.detach().clamp(min=0)
     desirable = ulp.desirable
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
@@ -443,6 +446,10 @@ class LossSpec:
     """Needs the batch KL estimate: one extra no-grad forward over mismatched (x_i, y_j) rows."""
     running_state: bool = False
     """`fn(lp, running, ...)` takes a `RunningMean` the loop owns and updates after every step."""
+    per_micro_batch: bool = False
+    """Couples the pairs of one micro-batch (AOT's sort over train.batch_size pairs on one process), so a step's
+    loss is the mean over its micro-batches and depends on batch_size, not only on the step's pairs: the one
+    exception to batch x accumulation x processes invariance (docs/losses.md)."""
 
     def hyperparameters(self) -> dict[str, Any]:
         """Keyword-only hyperparameters and their defaults, read from the function's signature."""
@@ -453,7 +460,8 @@ class LossSpec:
         flags = ["reference" if self.needs_reference else "no reference"]
         flags += [name for name, on in (("length-normalised", self.length_normalised), ("NLL", self.nll),
                                         ("unpaired data", self.unpaired), ("KL estimate", self.kl_estimate),
-                                        ("running state", self.running_state)) if on]
+                                        ("running state", self.running_state),
+                                        ("sorts each micro-batch", self.per_micro_batch)) if on]
         return flags
 
 
@@ -475,7 +483,8 @@ LOSSES: dict[str, LossSpec] = {
     "apo_down": LossSpec(apo_down, "s(r_w) + 1 - s(r_w - r_l): both down, rejected more (arXiv:2408.06266)"),
     "exo_pair": LossSpec(exo_pair, "KL(softmax(beta r) over the pair || [1-eps, eps]) (arXiv:2402.00856)"),
     "discopop": LossSpec(discopop, "logistic/exponential blend by s(beta h / tau) (arXiv:2406.08414)"),
-    "aot": LossSpec(aot, "dpo on sorted quantiles of chosen vs rejected log-ratios (arXiv:2406.05882)"),
+    "aot": LossSpec(aot, "dpo on sorted quantiles of chosen vs rejected log-ratios (arXiv:2406.05882)",
+                    per_micro_batch=True),
     "simpo": LossSpec(simpo, "-log s(beta l(y_w) - beta l(y_l) - gamma), l mean-token logp "
                       "(arXiv:2405.14734)", needs_reference=False, length_normalised=True),
     "orpo": LossSpec(orpo, "NLL(y_w) - lam log s(log odds y_w - log odds y_l) (arXiv:2403.07691)",

@@ -60,6 +60,34 @@ class _Progress:
     steps: int = 0  # optimiser steps this call has taken
 
 
+@torch.no_grad()
+def step_kl_estimate(policy: torch.nn.Module, reference: Reference, examples: list[data.TokenizedUnpaired],
+                     micro_batches: list[list[int]], rank: int, batch_size: int, pad_id: int, max_length: int,
+                     accelerator: Accelerator) -> torch.Tensor:
+    """KTO's KL estimate for one optimiser step (Ethayarajh et al. 2024, arXiv:2402.01306, Sec. 4.1): the mean,
+    over the m unrelated pairs (x_k, y_{k-1}) of the whole step, of log pi(y|x) - log pi_ref(y|x); the loss
+    clamps it at 0 and never differentiates it.
+
+    Example k of the step (in stream order, across micro-batches and processes) is paired with the completion
+    of example k-1 (cyclically), and each process scores the rows of its own micro-batch slices; the sums and
+    counts are reduced over processes, so the estimate is the same for any batch x accumulation x processes
+    split (a mean of per-micro-batch means would not be). One no-grad forward of policy and reference per
+    micro-batch: the cost of scoring the mismatched rows inside each micro-batch."""
+    step = [j for m in micro_batches for j in m]  # (m,) the step's examples in stream order
+    total = torch.zeros(2, device=accelerator.device)  # sum of log-ratios, number of rows
+    offset = 0
+    for global_indices in micro_batches:
+        positions = range(offset + rank * batch_size, offset + (rank + 1) * batch_size)
+        rows = data.collate_mismatched([examples[step[k]] for k in positions],
+                                       [examples[step[k - 1]] for k in positions],  # k = 0 takes the last
+                                       pad_id, max_length).to(accelerator.device)
+        logratios = sequence_logps(policy, rows).logps - reference.scores(rows).logps  # (B,)
+        total += torch.stack([logratios.sum(), torch.tensor(float(logratios.numel()), device=total.device)])
+        offset += len(global_indices)
+    total = accelerator.reduce(total, reduction="sum")
+    return total[0] / total[1]  # ()
+
+
 def train(cfg: Config) -> Path:
     """Train the policy the config describes; returns the run directory (export in `final/`).
 
@@ -206,6 +234,9 @@ def _train(cfg: Config, progress: _Progress) -> Path:
         step_pairs = sum(len(m) for m in micro_batches)  # global count: the loss is a mean over all of them
         sums = torch.zeros(2 * n_metrics + 1, device=accelerator.device)  # sums, counts, tokens
         records = []  # (sources, per-example losses) of each micro-batch: names the culprits of a non-finite step
+        # KTO: one KL estimate for the whole step, before its gradient passes use it
+        kl = step_kl_estimate(policy, reference, pairs, micro_batches, rank, cfg.train.batch_size, pad_id,
+                              cfg.data.max_length, accelerator) if loss_fn.kl_estimate else None
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
             last = i == len(micro_batches) - 1
@@ -217,16 +248,10 @@ def _train(cfg: Config, progress: _Progress) -> Path:
                     batch = sft.collate([pairs[j] for j in local], pad_id).to(accelerator.device)
                     losses, values = sft.step(policy, batch)  # (B,); per-example values in sft.METRICS order
                 elif loss_fn.unpaired:
-                    unpaired = data.collate_unpaired([pairs[j] for j in local], pad_id, cfg.data.max_length)
-                    unpaired = unpaired.to(accelerator.device)
+                    unpaired = data.collate_unpaired([pairs[j] for j in local], pad_id).to(accelerator.device)
                     batch = unpaired.matched
                     policy_rows = sequence_logps(policy, batch)
-                    ref_rows = reference.scores(unpaired.matched)
-                    with torch.no_grad():
-                        # KTO's z0: mean log-ratio of mismatched (x_i, y_{i-1}) rows, never differentiated
-                        kl = (sequence_logps(policy, unpaired.mismatched).logps
-                              - reference.scores(unpaired.mismatched).logps).mean()  # ()
-                    kl = accelerator.reduce(kl, reduction="mean")  # one estimate for the whole global batch
+                    ref_rows = reference.scores(batch)
                     lp = UnpairedLogps(policy_rows.logps, ref_rows.logps, policy_rows.lengths,
                                        unpaired.desirable, kl)
                     policy_chosen, policy_rejected = (policy_rows.rows(unpaired.desirable),

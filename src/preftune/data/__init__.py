@@ -5,7 +5,7 @@
   tokenize.py  records -> ids (chat templates rendered; prompt ids a prefix; one BOS, one EOS; truncation)
   load.py      a source -> compact tokenised pairs + a LoadReport accounting for every record; the cache
   check.py     `preftune data check`: what a source holds and what is wrong with it
-  batches.py   the deterministic batch stream, the (2B, T) pair collate and KTO's matched/mismatched collate
+  batches.py   the deterministic batch stream, the (2B, T) pair collate and KTO's matched and mismatched rows
   packing.py   padding-free layouts: prefix sharing and packing (perf.*)
 """
 
@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from preftune.data.batches import IGNORE, Batch, UnpairedBatch, batch_stream, collate, collate_unpaired, steps_for
+from preftune.data.batches import (
+    IGNORE,
+    Batch,
+    UnpairedBatch,
+    batch_stream,
+    collate,
+    collate_mismatched,
+    collate_unpaired,
+    steps_for,
+)
 from preftune.data.load import LoadReport, PairStore, cache_dir_for, load_pairs, load_unpaired
 from preftune.data.packing import CHOSEN, PAD, PROMPT, REJECTED, PackedBatch, lay_out, pack, padding_share
 from preftune.data.records import DataError, PairRecord, RecordProblem, UnpairedRecord, to_record
@@ -54,7 +63,7 @@ def read_unpaired_jsonl(path: str | Path) -> list[UnpairedRecord]:
 __all__ = [
     "IGNORE", "Batch", "DataError", "LoadReport", "PairRecord", "PairStore", "RecordProblem", "TokenizedPair",
     "TokenizedUnpaired", "UnpairedBatch", "UnpairedRecord", "batch_stream", "cache_dir_for", "collate",
-    "collate_unpaired", "encode_prompt", "encode_response", "load_pairs", "load_unpaired", "read_jsonl",
-    "read_unpaired_jsonl", "render_chat", "steps_for", "tokenize_pair",
+    "collate_mismatched", "collate_unpaired", "encode_prompt", "encode_response", "load_pairs", "load_unpaired",
+    "read_jsonl", "read_unpaired_jsonl", "render_chat", "steps_for", "tokenize_pair",
     "CHOSEN", "PAD", "PROMPT", "REJECTED", "PackedBatch", "lay_out", "pack", "padding_share",
 ]

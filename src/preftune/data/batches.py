@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from preftune.data.records import DataError
 from preftune.data.tokenize import TokenizedPair, TokenizedUnpaired
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
@@ -99,26 +98,27 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> Batch:
 class UnpairedBatch:
     matched: Batch
     """(B, T) rows prompt_i + completion_i"""
-    mismatched: Batch
-    """(B, T') rows prompt_i + completion_{i-1}: KTO's KL estimate, scored without gradient"""
     desirable: Tensor
     """(B,) bool"""
 
     def to(self, device: torch.device | str) -> UnpairedBatch:
-        return UnpairedBatch(self.matched.to(device), self.mismatched.to(device), self.desirable.to(device))
+        return UnpairedBatch(self.matched.to(device), self.desirable.to(device))
 
 
-def collate_unpaired(examples: Sequence[TokenizedUnpaired], pad_id: int, max_length: int) -> UnpairedBatch:
-    """Matched rows and mismatched rows: prompt i with the completion of example i-1 (cyclically), the
-    batch-level pairs whose mean log-ratio estimates KL(pi || pi_ref) in KTO (arXiv:2402.01306, Sec. 4)."""
-    if len(examples) < 2:
-        raise DataError("KTO's KL estimate needs at least 2 examples per batch to mismatch completions")
-    examples = list(examples)
+def collate_unpaired(examples: Sequence[TokenizedUnpaired], pad_id: int) -> UnpairedBatch:
+    """The matched rows prompt_i + completion_i of B unpaired examples, and their labels."""
     sources = [e.source for e in examples]
     matched = _collate_rows([(e.prompt_ids, e.completion_ids) for e in examples], pad_id, sources)
-    shifted = examples[-1:] + examples[:-1]
-    mismatched = _collate_rows(
-        [(e.prompt_ids, s.completion_ids[:max(1, max_length - len(e.prompt_ids))])
-         for e, s in zip(examples, shifted, strict=True)], pad_id, sources)
     desirable = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
-    return UnpairedBatch(matched, mismatched, desirable)
+    return UnpairedBatch(matched, desirable)
+
+
+def collate_mismatched(prompts_of: Sequence[TokenizedUnpaired], completions_of: Sequence[TokenizedUnpaired],
+                       pad_id: int, max_length: int) -> Batch:
+    """(B, T') rows prompt of prompts_of[i] + completion of completions_of[i]: the unrelated (x, y') pairs
+    whose mean log-ratio estimates KL(pi || pi_ref) in KTO (arXiv:2402.01306, Sec. 4). The loop pairs each
+    example of an optimiser step with the completion of the step's previous example (cyclically). A row longer
+    than max_length loses completion tokens, keeping at least one."""
+    rows = [(e.prompt_ids, c.completion_ids[:max(1, max_length - len(e.prompt_ids))])
+            for e, c in zip(prompts_of, completions_of, strict=True)]
+    return _collate_rows(rows, pad_id, [e.source for e in prompts_of])

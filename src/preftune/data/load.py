@@ -321,7 +321,7 @@ def refuse_invalid(report: LoadReport, cfg: DataConfig) -> None:
     if report.invalid and not cfg.skip_invalid:
         listed = "; ".join(report.first_invalid[:5]) + ("; ..." if report.invalid > 5 else "")
         raise DataError(f"{report.path}: {report.invalid} invalid record(s) of {report.records}: {listed} "
-                        "(`preftune data check` lists them all; data.skip_invalid=true trains on the rest)")
+                        "(`preftune data check` lists them all; data.skip_invalid=true trains on the rest)", report)
 
 
 def load_pairs(source: str | Path, tokenizer, cfg: DataConfig, *, part: str = "train",
@@ -351,7 +351,7 @@ def load_pairs(source: str | Path, tokenizer, cfg: DataConfig, *, part: str = "t
     report.used = len(store)
     refuse_invalid(report, cfg)
     if not len(store):
-        raise DataError(f"{source}: no usable pairs ({report.summary()})")
+        raise DataError(f"{source}: no usable pairs ({report.summary()})", report)
     if path is not None:
         _save(path, store, report)
     return store, report
@@ -374,5 +374,5 @@ def load_unpaired(source: str | Path, tokenizer, cfg: DataConfig, *, part: str =
     report.used = len(out)
     refuse_invalid(report, cfg)
     if not out:
-        raise DataError(f"{source}: no usable records ({report.summary()})")
+        raise DataError(f"{source}: no usable records ({report.summary()})", report)
     return out, report

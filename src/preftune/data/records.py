@@ -38,7 +38,12 @@ TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nT
 
 
 class DataError(ValueError):
-    """A data file or record is unusable; the message names file, line and field."""
+    """A data file or record is unusable; the message names file, line and field. An error about a whole source
+    (all records invalid or unusable) carries the load's `report`, which names each record's problem."""
+
+    def __init__(self, message: str, report: Any = None):
+        super().__init__(message)
+        self.report = report
 
 
 class RecordProblem(DataError):
@@ -122,7 +127,7 @@ def detect_shape(row: dict[str, Any], where: str) -> str:
         chosen = row["chosen"]
         return "hh" if isinstance(chosen, str) and HH_ASSISTANT in chosen else "implicit"
     shapes = "; ".join(f"{s}: {', '.join(f)}" for s, f in SHAPE_FIELDS.items())
-    raise DataError(f"{where}: can't tell the data shape from the keys {sorted(keys)}; the shapes read "
+    raise DataError(f"{where}: record: can't tell the data shape from the keys {sorted(keys)}; the shapes read "
                     f"({shapes}); rename columns with data.fields, e.g. data.fields='{{prompt: question}}'")
 
 
