@@ -2,8 +2,9 @@
 the public datasets' own formats, with tiny random models of the recipes' families (GPT-J, GPT-NeoX/Pythia).
 
 The recipe YAMLs are loaded as they are; only what a CPU test can't have is overridden: the model and its size,
-the step count, the hardware (mixed precision, checkpoints) and where the data lives (the recipes read hub
-datasets and downloads). Their losses, beta, optimiser, schedule, lengths, evaluation and judge are exercised."""
+the step count, checkpoints and where the data lives (the recipes read hub datasets and downloads). Their
+losses, beta, optimiser, schedule, lengths, precision (bf16, as FSDP2's mixed precision over a group of one
+process, parallel.sharding=fsdp2 as the YAML says), evaluation and judge are exercised."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ EVAL = ["--quiet", "eval.prompts=3", "eval.max_new_tokens=8", "eval.n_boot=200"]
 
 def run(command: str, recipe: str, tmp_path, *overrides: str):
     """`preftune <command> configs/<recipe>.yaml` with only the model, steps, hardware and data paths changed."""
-    small = [f"train.output_dir={tmp_path / 'runs'}", f"train.max_steps={STEPS}", "train.mixed_precision=no",
+    small = [f"train.output_dir={tmp_path / 'runs'}", f"train.max_steps={STEPS}",
              "train.save_every=0", "train.progress=false"]
     assert cli.main([command, str(REPO / "configs" / f"{recipe}.yaml"), *small, *overrides]) == 0
     run_dir = tmp_path / "runs" / recipe

@@ -12,6 +12,11 @@ A checkpoint holds everything needed to continue a run exactly as if it had neve
 
 It is written into `.tmp-step-...`, every file fsynced, then renamed into place: a crash or a full disk
 mid-save leaves the previous checkpoints as they were.
+
+Under parallel.sharding=fsdp2 no process ever holds the whole model: model.safetensors is replaced by
+`shards/`, torch.distributed.checkpoint (DCP) files in which each process writes its own shards of the
+weights and optimiser state (plus DCP's `.metadata`), and state.pt keeps everything else. The manifest
+then lists every shard file; the same temporary directory, fsync, rename and manifest protocol applies.
 """
 
 from __future__ import annotations
@@ -35,21 +40,30 @@ import safetensors.torch
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
-from preftune import config
+from preftune import config, sharding
 
 log = logging.getLogger("preftune")
 
 FORMAT = 1
 CHECKPOINTS = "checkpoints"
 FILES = ("model.safetensors", "state.pt", "trainer_state.json", "config.yaml")
+SHARDS = "shards"  # DCP directory of a sharded checkpoint
+SHARDED_FILES = (f"{SHARDS}/.metadata", "state.pt", "trainer_state.json", "config.yaml")
 RESUMES = "resumes.jsonl"
 # What a resume may change, by config field (docs/robustness.md, "Resuming with a changed config"):
 # run control changes where and how the run reports, saves and stops, never a number it computes: free.
 RUN_CONTROL = {"train.resume", "train.overwrite", "train.progress", "train.save_every", "train.keep_checkpoints",
                "train.max_bad_steps", "train.log_every", "train.output_dir", "train.run_name", "data.cache",
                "data.cache_dir", "reference.cache_dir", "perf.mmap_threshold_kb", "log.tensorboard", "log.wandb",
-               "log.wandb_project", "log.wandb_mode"}
+               "log.wandb_project", "log.wandb_mode", "parallel.reshard_after_forward"}
 # the learning-rate curve: applied from the resumed step on, re-planned without a jump (schedule.Schedule)
 SCHEDULE = {"optim.lr", "optim.warmup_steps", "optim.schedule", "train.max_steps", "train.epochs"}
 # how a step's pairs are split into micro-batches and processes: free while the pairs per step (batch_size x
@@ -154,9 +168,11 @@ def verify(ckpt: Path) -> str | None:
         return "no manifest.json (the save did not finish)"
     except (ValueError, KeyError, TypeError) as err:
         return f"manifest.json is unreadable ({err})"
-    for name in FILES:
+    required = SHARDED_FILES if manifest.get("sharding", "none") != "none" else FILES
+    for name in required:
         if name not in files:
             return f"manifest lists no {name}"
+    for name in files:  # a sharded checkpoint's manifest also lists every process's shard files
         path = ckpt / name
         if not path.is_file():
             return f"{name} is missing"
@@ -231,6 +247,8 @@ def save(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Mod
     this; the main one writes. `stateful` objects are saved through their state_dict(); `extra` holds plain
     values (numbers, strings, tensors, containers) that load() hands back. A failed write (full disk) stops
     every process with a CheckpointError that says the previous checkpoint is intact."""
+    if sharding.is_sharded(model):
+        return _save_sharded(accelerator, run_dir, step, model, stateful, cfg, extra)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # their optimiser state is sharded over the processes; the main one alone can not write it
         if accelerator.is_main_process:
@@ -314,6 +332,9 @@ def load(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful:
     Nothing here unpickles objects: weights come from safetensors and state.pt loads with weights_only=True,
     which accepts tensors and plain containers only.
     """
+    _check_layout(ckpt, model)
+    if sharding.is_sharded(model):
+        return _load_sharded(accelerator, ckpt, model, stateful, cfg)
     try:
         weights = safetensors.torch.load_file(ckpt / "model.safetensors", device="cpu")
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
@@ -425,9 +446,13 @@ def export(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out_dir:
     """Weights as safetensors, config and tokenizer: a directory `from_pretrained` loads.
 
     `get_state_dict` gathers full weights on every engine (a no-op for one process, a gather under FSDP or
-    ZeRO-3); only the main process writes.
+    ZeRO-3); only the main process writes. Under FSDP2 the full weights are gathered once, shard by shard,
+    into the main process's CPU memory (never a GPU's), and the other processes hold nothing.
     """
-    state_dict = accelerator.get_state_dict(model)
+    if sharding.is_sharded(model):
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.config.use_cache = True  # inference users want the cache back
@@ -439,3 +464,148 @@ def export(accelerator: Accelerator, model: torch.nn.Module, tokenizer, out_dir:
 
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+# --- sharded checkpoints (parallel.sharding=fsdp2) ---
+
+def _check_layout(ckpt: Path, model: torch.nn.Module) -> None:
+    """A sharded checkpoint resumes only a sharded run and a full one only an unsharded run: say so."""
+    try:
+        written = json.loads((ckpt / "trainer_state.json").read_text()).get("sharding", "none")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {ckpt} could not be read: {err}") from None
+    running = sharding.SHARDED if sharding.is_sharded(model) else "none"
+    if written != running:
+        raise CheckpointError(f"{ckpt} was written with parallel.sharding={written}, this run has "
+                              f"parallel.sharding={running}; resume with parallel.sharding={written} (its "
+                              "optimiser state is stored in that layout), or start afresh from an export")
+
+
+def _own_files(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of files this process wrote under `root`, each fsynced first."""
+    out = {}
+    for name in names:
+        path = root / name
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+        out[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return out
+
+
+def _any_failed(accelerator: Accelerator, error: str) -> bool:
+    """True on every process when any one of them has an error: all stop together, none waits forever."""
+    failed = accelerator.reduce(torch.tensor([float(bool(error))], device=accelerator.device), reduction="sum")
+    return bool(failed.item())
+
+
+def _save_sharded(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Module,
+                  stateful: dict[str, Any], cfg: config.Config, extra: dict[str, Any] | None) -> Path:
+    """`save` for an FSDP2 policy: every process writes its own shards of the weights and optimiser state
+    through DCP (no process gathers the model) and checksums them; the main process writes the rest and
+    the manifest, then renames the directory into place, as for an unsharded checkpoint. Multi-node runs
+    need train.output_dir on a filesystem every node sees."""
+    final = run_dir / CHECKPOINTS / f"step-{step:08d}"
+    tmp = final.with_name(".tmp-" + final.name)
+    rank = accelerator.process_index
+    error = ""
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            (tmp / SHARDS).mkdir(parents=True)
+        except OSError as err:
+            error = f"could not create {tmp}: {err}"
+    if _any_failed(accelerator, error):
+        raise CheckpointError(error or f"the main process could not create {tmp} (see its error)")
+    model_state, optim_state = get_state_dict(model, stateful["optimizer"])  # this process's shards (DTensors)
+    files: dict[str, dict[str, Any]] = {}
+    try:
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / SHARDS)
+        mine = sorted(p.name for p in (tmp / SHARDS).glob(f"__{rank}_*.distcp"))  # DCP's per-rank file names
+        files = _own_files(tmp / SHARDS, mine + ([".metadata"] if accelerator.is_main_process else []))
+    except Exception as err:  # noqa: BLE001  DCP raises on every process when one fails to write
+        error = f"could not write the shards of {final}: {err}"
+    if _any_failed(accelerator, error):
+        raise CheckpointError(error or f"another process could not write its shards of {final} (see its error)")
+    shard_files = {f"{SHARDS}/{n}": v for part in gather_object([files]) for n, v in part.items()}
+    rng = gather_object([rng_state()])  # one entry per process, in rank order
+    if accelerator.is_main_process:
+        state = {"stateful": {name: obj.state_dict() for name, obj in stateful.items() if name != "optimizer"},
+                 "rng": rng, "extra": extra or {}}
+        trainer_state = {"format": FORMAT, "step": step, "world_size": accelerator.num_processes,
+                         "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+                         "sharding": sharding.SHARDED}
+        try:
+            _write_file(tmp / "state.pt", lambda p: torch.save(state, p))
+            _write_file(tmp / "trainer_state.json", lambda p: p.write_text(json.dumps(trainer_state, indent=2)))
+            _write_file(tmp / "config.yaml", lambda p: config.save(cfg, p))
+            rest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                    for name in ("state.pt", "trainer_state.json", "config.yaml")}
+            manifest = {"format": FORMAT, "step": step, "sharding": sharding.SHARDED,
+                        "files": {**shard_files, **rest}}
+            _write_file(tmp / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2)))
+            _fsync_dir(tmp / SHARDS)
+            _fsync_dir(tmp)
+            if final.exists():  # an invalid leftover of an abandoned attempt at this step (resume skipped it)
+                stale = final.with_name(".stale-" + final.name)
+                shutil.rmtree(stale, ignore_errors=True)
+                final.rename(stale)
+                shutil.rmtree(stale)
+            tmp.rename(final)
+            _fsync_dir(final.parent)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+            previous = [d for s, d in _steps(run_dir) if s < step]
+            full = " (the disk is full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            error = (f"could not write checkpoint {final}{full}: {err}. Training stopped at step {step}; {kept}. "
+                     "Free space, then rerun with --resume to continue from it.")
+        else:
+            try:
+                _prune(run_dir, step, cfg.train.keep_checkpoints)
+            except OSError as err:  # the new checkpoint is safe; old ones merely linger
+                log.warning("could not remove old checkpoints in %s: %s", run_dir / CHECKPOINTS, err)
+    if _any_failed(accelerator, error):
+        raise CheckpointError(error or f"the main process could not write checkpoint {final} (see its error)")
+    return final
+
+
+def _load_sharded(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful: dict[str, Any],
+                  cfg: config.Config) -> tuple[int, dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """`load` for an FSDP2 policy. DCP reads each process's part of every tensor whatever number of
+    processes wrote it (resharding), so another process count works as long as a step still means the same
+    pairs: pairs per step (processes x batch_size x grad_accum) must equal the checkpoint's, or it stops
+    (refuse_fixed_changes, as for every other field that fixes the numbers)."""
+    try:
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+        saved_cfg = config.load(ckpt / "config.yaml")
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{ckpt / 'state.pt'}: refused to load: it holds Python objects beyond tensors "
+                              f"and plain data, which could run code ({str(err).splitlines()[0]})") from None
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {ckpt} could not be read: {err}") from None
+    changes = config_changes(saved_cfg, cfg)
+    # before anything is restored: the run stops where it was
+    refuse_fixed_changes(ckpt, changes, cfg, trainer_state, accelerator.num_processes)
+    world = accelerator.num_processes
+    optimizer = stateful["optimizer"]
+    model_state, optim_state = get_state_dict(model, optimizer)  # templates: the shards this process holds
+    try:
+        dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=ckpt / SHARDS)
+    except Exception as err:  # noqa: BLE001  DCP wraps every process's failure in one CheckpointException
+        raise CheckpointError(f"{ckpt / SHARDS} could not be loaded into this model: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    for name, obj in stateful.items():
+        if name == "optimizer":
+            continue
+        if name not in state["stateful"]:
+            raise CheckpointError(f"{ckpt / 'state.pt'} holds no state for {name!r} "
+                                  f"(it has {sorted(state['stateful'])})")
+        obj.load_state_dict(state["stateful"][name])
+    if trainer_state["world_size"] != world:
+        log.warning("%s was written by %d process(es), this run has %d: weights and optimiser state are "
+                    "resharded; per-process RNG streams (dropout) differ from an uninterrupted run",
+                    ckpt, trainer_state["world_size"], world)
+    set_rng_state(state["rng"][accelerator.process_index % len(state["rng"])])
+    return int(trainer_state["step"]), state["extra"], changes

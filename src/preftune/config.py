@@ -304,6 +304,18 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    sharding: str = "none"
+    """none: every process holds the whole model (1 process, or DDP over N); fsdp2: weights, gradients and
+    optimiser state sharded over the processes with torch's FSDP2 (fully_shard), a model-held reference
+    sharded the same way, checkpoints saved shard by shard (DCP). docs/distributed.md."""
+    reshard_after_forward: bool = True
+    """fsdp2: free each decoder layer's gathered weights after its forward and gather them again in backward
+    (least memory, ZeRO-3-like); false keeps them from forward to backward (one all-gather less per layer,
+    ZeRO-2-like memory for weights)."""
+
+
+@dataclass(frozen=True)
 class PerfConfig:
     """Speed and memory switches. Each one changes how the numbers are computed, never which numbers: every
     combination gives the plain path's loss and gradients (tests/test_perf_paths.py)."""
@@ -407,6 +419,7 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     log: LogConfig = field(default_factory=LogConfig)
     iterate: IterateConfig = field(default_factory=IterateConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def run_dir(self) -> Path:
         return Path(self.train.output_dir) / (self.train.run_name or "run")
@@ -632,6 +645,7 @@ _CHOICES = {
     "iterate.pairing": ("best_worst", "all_pairs"),
     "iterate.reference": ("initial", "round_start"),
     "judge.mode": ("pairwise", "pointwise"),
+    "parallel.sharding": ("none", "fsdp2"),
 }
 
 
@@ -710,6 +724,7 @@ def validate(cfg: Config) -> None:
     _validate_loss_values(cfg.loss)
     _validate_reference_values(cfg)
     validate_iterate(cfg.iterate)
+    _validate_sharding(cfg)
 
 
 # Checks of the loss against the registry (its name, hyperparameters, which modifiers it allows) and of the
@@ -770,3 +785,22 @@ def _validate_reference_values(cfg: Config) -> None:
         raise ConfigError(f"reference.path is set but reference.mode={mode!r} ignores it; use path, "
                           "precomputed or auto")
 
+
+def _validate_sharding(cfg: Config) -> None:
+    """Combinations the FSDP2 path does not run, refused before any work with the fields to change."""
+    if cfg.parallel.sharding == "none":
+        return
+    refused = {
+        "train.mixed_precision=fp16": (cfg.train.mixed_precision == "fp16",
+                                       "fp16 needs a sharded gradient scaler preftune does not run; use bf16"),
+        "perf.compile=true": (cfg.perf.compile, "compiling FSDP2's per-layer hooks is untested here; turn it off"),
+        f"loss.ref_sync={cfg.loss.ref_sync!r}": (cfg.loss.ref_sync != "none",
+                                                 "TR-DPO's reference update is not run sharded; use none"),
+        f"train.eval_every={cfg.train.eval_every} and eval.prompts={cfg.eval.prompts}": (
+            cfg.train.eval_every > 0 and cfg.eval.prompts > 0,
+            "in-training sampling (win rate, KL) is not run sharded; set eval.prompts=0 for the held-out pair "
+            "metrics alone, and sample from the export with `preftune eval`"),
+    }
+    for fields, (on, why) in refused.items():
+        if on:
+            raise ConfigError(f"parallel.sharding={cfg.parallel.sharding!r} with {fields}: {why}")

@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from preftune import data
+from preftune import data, sharding
 from preftune.config import Config, ConfigError, PerfConfig
 from preftune.data import Batch, TokenizedPair
 from preftune.logps import SequenceLogps, batch_logps
@@ -131,7 +131,7 @@ class Reference:
         one no-grad pass over `pairs` (the policy's starting weights, or reference.path) and free that model."""
         self.logps_chunk = cfg.perf.logps_chunk
         if self.model is not None:
-            self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
+            self.model = place_frozen(self.model, cfg, accelerator)
         elif self.mode == "adapters_off":
             self.model, self._peft = policy, accelerator.unwrap_model(policy)
         elif self.mode == "precomputed":
@@ -203,7 +203,7 @@ class Reference:
             if cfg.reference.path:
                 # the training layout needs the same attention as the policy (packed units never mix)
                 loaded = apply_speedups(load_reference_model(cfg, tokenizer), cfg.perf, trainable=False)
-                model = accelerator.prepare_model(loaded.eval().requires_grad_(False), evaluation_mode=True)
+                model = place_frozen(loaded.eval().requires_grad_(False), cfg, accelerator)
             table = precompute_logps(model, pairs, tokenizer.pad_token_id, cfg.train.batch_size, accelerator,
                                      cfg.perf)
             if model is not policy:
@@ -217,6 +217,14 @@ class Reference:
                 save_cached(self.cache_file, table, key)
             accelerator.wait_for_everyone()
         self.table = {pair_key(p): row for p, row in zip(pairs, table, strict=True)}
+
+
+def place_frozen(model: torch.nn.Module, cfg: Config, accelerator: Accelerator) -> torch.nn.Module:
+    """A frozen model beside the policy: sharded like it under parallel.sharding=fsdp2 (forward only, no
+    optimiser state), otherwise on the device in Accelerate's evaluation mode (no DDP wrapper)."""
+    if sharding.enabled(cfg):
+        return sharding.shard(model, cfg, accelerator.device)
+    return accelerator.prepare_model(model, evaluation_mode=True)
 
 
 class _AdaptersOff(torch.nn.Module):

@@ -1,8 +1,8 @@
 """train(cfg): the whole preference-training loop, top to bottom.
 
-The same code runs on 1 process or N (DDP / FSDP / DeepSpeed through Accelerate): every process sees the
-same stream of global batches and takes its own contiguous slice, so 1 process x batch 8 and 2 processes x
-batch 4 consume the same pairs in the same order.
+The same code runs on 1 process or N (DDP through Accelerate; FSDP2 with parallel.sharding): every
+process sees the same stream of global batches and takes its own contiguous slice, so 1 process x batch 8
+and 2 processes x batch 4 consume the same pairs in the same order.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sinks
+from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sharding, sinks
 from preftune.config import Config, OptimConfig
 from preftune.data import Batch
 from preftune.logps import batch_logps, sequence_logps
@@ -196,6 +196,7 @@ def train(cfg: Config) -> Path:
     try:
         return _train(cfg, progress)
     except BaseException:
+        sharding.release_process_group()  # the one-process FSDP2 group this run started, if any
         if found_empty and progress.main_process and not progress.steps:
             shutil.rmtree(run_dir, ignore_errors=True)  # best effort: never hides the error being raised
             if existed:
@@ -207,8 +208,11 @@ def _train(cfg: Config, progress: _Progress) -> Path:
     """The loop itself; `progress` tells train() whether a failure leaves anything worth keeping."""
     # Accelerate only runs several CPU processes (gloo) when told the run is on CPU
     cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_only)
+    sharded = sharding.enabled(cfg)
+    # sharded, bf16 is FSDP2's mixed-precision policy (sharding.shard), not Accelerate's autocast
+    accelerator = Accelerator(mixed_precision="no" if sharded else cfg.train.mixed_precision, cpu=cpu_only)
     progress.main_process = accelerator.is_main_process
+    sharding.check_engine(cfg, accelerator)  # before any work: Accelerate's own FSDP/DeepSpeed plugins
     set_seed(cfg.train.seed)
     sinks.check_available(cfg)  # on every rank, before anything is written: a missing package stops all of them
     run_dir, resume_from = checkpoint.prepare_run_dir(cfg, accelerator)
@@ -243,6 +247,8 @@ def _train(cfg: Config, progress: _Progress) -> Path:
     if reference.model is not None and reference.model is not policy:
         apply_speedups(reference.model, cfg.perf, trainable=False)
     apply_speedups(policy, cfg.perf)
+    if sharded:  # before the optimiser is built: it must hold the shards, not the full parameters
+        policy = sharding.shard(policy, cfg, accelerator.device)
     fast_layout = cfg.perf.packing or cfg.perf.prefix_sharing
     if (fast_layout or cfg.perf.logps_chunk) and (loss_fn.unpaired or loss_fn.needs_token_logps
                                                    or loss_fn.needs_sq_mass):
@@ -258,7 +264,8 @@ def _train(cfg: Config, progress: _Progress) -> Path:
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optim,
                                 fused=cfg.perf.fused_adamw)
     schedule = Schedule(cfg.optim, total_steps)  # sets each step's lr; a resume may re-plan it
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if not sharded:  # FSDP2 reduces gradients itself: no DDP wrapper around it
+        policy, optimizer = accelerator.prepare(policy, optimizer)
     # precomputed: one no-grad pass (or the cache) now, and no reference model from here on. Before any
     # resume loads trained weights: the reference is always the starting model, never a checkpoint
     reference.prepare(cfg, accelerator, policy, tokenizer, pairs)
@@ -324,8 +331,9 @@ def _train(cfg: Config, progress: _Progress) -> Path:
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
             last = i == len(micro_batches) - 1
-            # skip the gradient all-reduce on all but the last micro-batch of the step
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
+            # skip the gradient all-reduce on all but the last micro-batch of the step; FSDP2 reduce-scatters
+            # every micro-batch, since skipping it would keep each layer's full unsharded gradient
+            sync = contextlib.nullcontext() if last or sharded else accelerator.no_sync(policy)
             with sync:
                 batch_items = [pairs[j] for j in local]
                 if sft_stage:
@@ -346,7 +354,7 @@ def _train(cfg: Config, progress: _Progress) -> Path:
         # schedule and the data on, so the run stays a function of the step counter) ---
         metrics.reduce(accelerator)  # before the check: every process sees the same loss
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
+        grad_norm = sharding.as_float(accelerator.clip_grad_norm_(policy.parameters(), max_norm))
         lr = schedule.lr(step)  # the rate this step uses
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -401,4 +409,5 @@ def _train(cfg: Config, progress: _Progress) -> Path:
     checkpoint.export(accelerator, policy, tokenizer, run_dir / "final")
     say(f"exported {run_dir / 'final'}")
     accelerator.end_training()
+    sharding.release_process_group()
     return run_dir
