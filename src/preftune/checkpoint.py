@@ -335,19 +335,11 @@ def load(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful:
     _check_layout(ckpt, model)
     if sharding.is_sharded(model):
         return _load_sharded(accelerator, ckpt, model, stateful, cfg)
+    state, trainer_state, changes = _read_state(ckpt, cfg, accelerator.num_processes)
     try:
         weights = safetensors.torch.load_file(ckpt / "model.safetensors", device="cpu")
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
-        saved_cfg = config.load(ckpt / "config.yaml")
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{ckpt / 'state.pt'}: refused to load: it holds Python objects beyond tensors "
-                              f"and plain data, which could run code ({str(err).splitlines()[0]})") from None
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {ckpt} could not be read: {err}") from None
-    changes = config_changes(saved_cfg, cfg)
-    # before anything is restored: the run stops where it was
-    refuse_fixed_changes(ckpt, changes, cfg, trainer_state, accelerator.num_processes)
     unwrapped = accelerator.unwrap_model(model)
     try:
         result = unwrapped.load_state_dict(weights, strict=False)
@@ -569,12 +561,11 @@ def _save_sharded(accelerator: Accelerator, run_dir: Path, step: int, model: tor
     return final
 
 
-def _load_sharded(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful: dict[str, Any],
-                  cfg: config.Config) -> tuple[int, dict[str, Any], dict[str, tuple[Any, Any]]]:
-    """`load` for an FSDP2 policy. DCP reads each process's part of every tensor whatever number of
-    processes wrote it (resharding), so another process count works as long as a step still means the same
-    pairs: pairs per step (processes x batch_size x grad_accum) must equal the checkpoint's, or it stops
-    (refuse_fixed_changes, as for every other field that fixes the numbers)."""
+
+def _read_state(ckpt: Path, cfg: config.Config, processes: int
+                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """state.pt, trainer_state.json and the config changes of a checkpoint, sharded or not; refuses the
+    changes a resume can not make before anything is restored, so the run stops where it was."""
     try:
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
         trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -585,8 +576,17 @@ def _load_sharded(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, 
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {ckpt} could not be read: {err}") from None
     changes = config_changes(saved_cfg, cfg)
-    # before anything is restored: the run stops where it was
-    refuse_fixed_changes(ckpt, changes, cfg, trainer_state, accelerator.num_processes)
+    refuse_fixed_changes(ckpt, changes, cfg, trainer_state, processes)
+    return state, trainer_state, changes
+
+
+def _load_sharded(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful: dict[str, Any],
+                  cfg: config.Config) -> tuple[int, dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """`load` for an FSDP2 policy. DCP reads each process's part of every tensor whatever number of
+    processes wrote it (resharding), so another process count works as long as a step still means the same
+    pairs: pairs per step (processes x batch_size x grad_accum) must equal the checkpoint's, or it stops
+    (refuse_fixed_changes, as for every other field that fixes the numbers)."""
+    state, trainer_state, changes = _read_state(ckpt, cfg, accelerator.num_processes)
     world = accelerator.num_processes
     optimizer = stateful["optimizer"]
     model_state, optim_state = get_state_dict(model, optimizer)  # templates: the shards this process holds
