@@ -268,16 +268,9 @@ def save(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Mod
             _write_checkpoint(final, weights, state, trainer_state, cfg)
         except OSError as err:
             shutil.rmtree(final.with_name(".tmp-" + final.name), ignore_errors=True)  # give the space back
-            previous = [d for s, d in _steps(run_dir) if s < step]
-            full = " (the disk is full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-            error = (f"could not write checkpoint {final}{full}: {err}. Training stopped at step {step}; {kept}. "
-                     "Free space, then rerun with --resume to continue from it.")
+            error = _save_failure(run_dir, step, final, err)
         else:
-            try:
-                _prune(run_dir, step, cfg.train.keep_checkpoints)
-            except OSError as err:  # the new checkpoint is safe; old ones merely linger
-                log.warning("could not remove old checkpoints in %s: %s", run_dir / CHECKPOINTS, err)
+            _prune_quietly(run_dir, step, cfg.train.keep_checkpoints)
     # every process must stop if the main one could not write, not wait for it at the next collective
     failed = accelerator.reduce(torch.tensor([float(bool(error))], device=accelerator.device), reduction="sum")
     if failed.item():
@@ -305,6 +298,23 @@ def _write_checkpoint(final: Path, weights: dict[str, torch.Tensor], state: dict
         shutil.rmtree(stale)
     tmp.rename(final)
     _fsync_dir(final.parent)
+
+
+
+def _save_failure(run_dir: Path, step: int, final: Path, err: OSError) -> str:
+    """The message of a checkpoint write that failed: why, and which earlier checkpoint a --resume would use."""
+    previous = [d for s, d in _steps(run_dir) if s < step]
+    full = " (the disk is full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    return (f"could not write checkpoint {final}{full}: {err}. Training stopped at step {step}; {kept}. "
+            "Free space, then rerun with --resume to continue from it.")
+
+
+def _prune_quietly(run_dir: Path, step: int, keep: int) -> None:
+    try:
+        _prune(run_dir, step, keep)
+    except OSError as err:  # the new checkpoint is safe; old ones merely linger
+        log.warning("could not remove old checkpoints in %s: %s", run_dir / CHECKPOINTS, err)
 
 
 def _prune(run_dir: Path, step: int, keep: int) -> None:
@@ -546,16 +556,9 @@ def _save_sharded(accelerator: Accelerator, run_dir: Path, step: int, model: tor
             _fsync_dir(final.parent)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back
-            previous = [d for s, d in _steps(run_dir) if s < step]
-            full = " (the disk is full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-            error = (f"could not write checkpoint {final}{full}: {err}. Training stopped at step {step}; {kept}. "
-                     "Free space, then rerun with --resume to continue from it.")
+            error = _save_failure(run_dir, step, final, err)
         else:
-            try:
-                _prune(run_dir, step, cfg.train.keep_checkpoints)
-            except OSError as err:  # the new checkpoint is safe; old ones merely linger
-                log.warning("could not remove old checkpoints in %s: %s", run_dir / CHECKPOINTS, err)
+            _prune_quietly(run_dir, step, cfg.train.keep_checkpoints)
     if _any_failed(accelerator, error):
         raise CheckpointError(error or f"the main process could not write checkpoint {final} (see its error)")
     return final
