@@ -291,6 +291,13 @@ def _write_checkpoint(final: Path, weights: dict[str, torch.Tensor], state: dict
     manifest = {"format": FORMAT, "step": trainer_state["step"], "files": files}
     _write_file(tmp / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2)))
     _fsync_dir(tmp)
+    _move_into_place(tmp, final)
+
+
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename a finished, fsynced checkpoint directory to its name: the step at which it becomes visible."""
     if final.exists():  # an invalid leftover of an abandoned attempt at this step (resume skipped it)
         stale = final.with_name(".stale-" + final.name)
         shutil.rmtree(stale, ignore_errors=True)
@@ -298,7 +305,6 @@ def _write_checkpoint(final: Path, weights: dict[str, torch.Tensor], state: dict
         shutil.rmtree(stale)
     tmp.rename(final)
     _fsync_dir(final.parent)
-
 
 
 def _save_failure(run_dir: Path, step: int, final: Path, err: OSError) -> str:
@@ -547,13 +553,7 @@ def _save_sharded(accelerator: Accelerator, run_dir: Path, step: int, model: tor
             _write_file(tmp / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2)))
             _fsync_dir(tmp / SHARDS)
             _fsync_dir(tmp)
-            if final.exists():  # an invalid leftover of an abandoned attempt at this step (resume skipped it)
-                stale = final.with_name(".stale-" + final.name)
-                shutil.rmtree(stale, ignore_errors=True)
-                final.rename(stale)
-                shutil.rmtree(stale)
-            tmp.rename(final)
-            _fsync_dir(final.parent)
+            _move_into_place(tmp, final)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back
             error = _save_failure(run_dir, step, final, err)
