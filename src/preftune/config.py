@@ -388,8 +388,17 @@ class IterateConfig:
     dropped and counted."""
     max_pairs_per_prompt: int = 0
     """all_pairs: keep at most this many pairs per prompt, widest gap first (0 = all)."""
+    unpaired_rule: str = "pair_sides"
+    """Unpaired losses (KTO): how scored samples become desirable/undesirable completions: pair_sides (the
+    chosen sides of the pairs `pairing` builds desirable, the rejected sides undesirable; a completion on both
+    sides is dropped) or threshold (every scored sample: above `threshold` desirable, below undesirable, within
+    `margin` of it a tie)."""
+    threshold: float = 0.0
+    """unpaired_rule=threshold: the score that separates desirable from undesirable completions (on the judge's
+    scale: a reward model's logit, a pointwise grade)."""
     min_pairs: int = 1
-    """A round that builds fewer pairs stops the run with the round's counts."""
+    """A round that builds fewer pairs (unpaired losses: fewer desirable + undesirable completions) stops the run
+    with the round's counts."""
     reference: str = "initial"
     """Reference of each round's loss: initial (the model round 1 starts from) or round_start (the policy the
     round starts from). reference.mode picks how it is computed (auto: a frozen model; precomputed: one
@@ -643,6 +652,7 @@ _CHOICES = {
     "log.wandb_mode": ("online", "offline", "disabled"),
     "eval.baseline": ("reference", "dataset"),
     "iterate.pairing": ("best_worst", "all_pairs"),
+    "iterate.unpaired_rule": ("pair_sides", "threshold"),
     "iterate.reference": ("initial", "round_start"),
     "judge.mode": ("pairwise", "pointwise"),
     "parallel.sharding": ("none", "fsdp2"),

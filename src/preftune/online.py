@@ -8,7 +8,10 @@ last finished phase (and, inside training, from train's own last checkpoint):
   samples.json  k completions for each of the round's fresh prompts from the round's starting policy
   scores.json   the judge's score per sample (null: dropped after the judge's retries, with why)
   pairs.jsonl   the pairs iterate.pairing builds (pairs.json: how many were built and dropped, and why)
-  train/        one `train()` run on the pairs, train.resume=auto (train.json once it finished)
+  unpaired.jsonl  unpaired losses (KTO): the desirable and undesirable completions iterate.unpaired_rule
+                keeps, what the round trains on (their counts in pairs.json too)
+  train/        one `train()` run on the pairs, train.resume=auto (train.json once it finished); with LoRA
+                its final/ is the round's adapter on the initial model, which the next round trains further
   eval.json     held-out prompts: score with interval, KL to the initial model, win rate against it
   record.json   the round's record; <run dir>/rounds.jsonl holds every finished round's
 
@@ -20,7 +23,6 @@ resumed run and an uninterrupted one compute the same thing. One process; docs/i
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 import shutil
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from preftune import config, evaluate, judges
+from preftune import config, evaluate, judges, lora
 from preftune.config import Config, ConfigError
 from preftune.data.prompts import load_prompts
 from preftune.data.records import Text
@@ -41,88 +43,11 @@ from preftune.judges import ChatJudge, JudgeError
 from preftune.losses import LOSSES
 from preftune.losses import validate as validate_loss
 from preftune.modeling import load_model, load_tokenizer
+from preftune.pairing import PairCounts, UnpairedCounts, make_pairs, unpaired_by_threshold, unpaired_from_pairs
 
 
 class IterateError(RuntimeError):
     """A round can not go on (too few pairs, too few prompts); the message names the round and the counts."""
-
-
-# --- pairing rules ---
-
-@dataclasses.dataclass
-class PairCounts:
-    """What became of a round's candidate pairs: built, or dropped for one named reason."""
-
-    built: int = 0
-    ties: int = 0
-    """scores within iterate.margin of each other: no preference to learn"""
-    identical: int = 0
-    """the two texts are the same (after stripping whitespace)"""
-    empty: int = 0
-    """samples with an empty completion (left out of every pair)"""
-    unscored: int = 0
-    """samples the judge could not score (left out of every pair)"""
-    over_cap: int = 0
-    """all_pairs: candidates past iterate.max_pairs_per_prompt"""
-    prompts_without_pair: int = 0
-
-
-def make_pairs(prompts: Sequence[Text], completions: Sequence[str], scores: Sequence[float], k: int, *,
-               rule: str = "best_worst", margin: float = 0.0, max_per_prompt: int = 0
-               ) -> tuple[list[dict], PairCounts]:
-    """Pairs {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"} from k scored samples per prompt
-    (sample i belongs to prompt i // k; a NaN score is a sample the judge could not score).
-
-    best_worst: per prompt the highest-scored sample against the lowest (the first of equals), if their gap
-    exceeds `margin`. all_pairs: every two samples whose gap exceeds `margin`, widest gap first (ties of gap
-    in sample order), at most `max_per_prompt` (0 = all): the DPO paper's IMDb setting uses all of them.
-    """
-    if len(completions) != len(scores) or len(completions) != len(prompts) * k:
-        raise ValueError(f"{len(completions)} completions and {len(scores)} scores for {len(prompts)} prompts x {k}")
-    counts = PairCounts()
-    records: list[dict] = []
-    for p, prompt in enumerate(prompts):
-        usable = []
-        for i in range(p * k, (p + 1) * k):
-            if not np.isfinite(scores[i]):
-                counts.unscored += 1
-            elif not completions[i].strip():
-                counts.empty += 1
-            else:
-                usable.append(i)
-        candidates = []  # (gap, chosen, rejected)
-        if rule == "best_worst":
-            if len(usable) >= 2:
-                best = max(usable, key=lambda i: scores[i])  # max/min keep the first of equals
-                worst = min(usable, key=lambda i: scores[i])
-                candidates = [(scores[best] - scores[worst], best, worst)] if best != worst else [(0.0, best, best)]
-        else:
-            for i, j in itertools.combinations(usable, 2):
-                hi, lo = (i, j) if scores[i] > scores[j] else (j, i)
-                candidates.append((abs(scores[i] - scores[j]), hi, lo))
-        kept = []
-        for gap, hi, lo in candidates:
-            if gap <= margin:
-                counts.ties += 1
-            elif completions[hi].strip() == completions[lo].strip():
-                counts.identical += 1
-            else:
-                kept.append((gap, hi, lo))
-        kept.sort(key=lambda c: -c[0])  # stable: equal gaps stay in sample order
-        if max_per_prompt and len(kept) > max_per_prompt:
-            counts.over_cap += len(kept) - max_per_prompt
-            kept = kept[:max_per_prompt]
-        if not kept:
-            counts.prompts_without_pair += 1
-        for _, hi, lo in kept:
-            chosen, rejected = completions[hi], completions[lo]
-            if isinstance(prompt, list):  # conversational: the responses are assistant turns
-                chosen = [{"role": "assistant", "content": chosen}]
-                rejected = [{"role": "assistant", "content": rejected}]
-            records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                            "score_chosen": float(scores[hi]), "score_rejected": float(scores[lo])})
-        counts.built += len(kept)
-    return records, counts
 
 
 # --- prompts ---
@@ -170,6 +95,11 @@ def split_prompts(cfg: Config) -> tuple[list[Text], list[Text]]:
 
 
 # --- phases on disk ---
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+
 
 def _write_json(path: Path, obj: dict) -> None:
     """Atomically: a kill leaves the old file or the new one, never half of one."""
@@ -224,10 +154,16 @@ class Models:
         self.cfg, self.tokenizer, self.loaded = cfg, tokenizer, {}
 
     def get(self, path: Path) -> torch.nn.Module:
+        """A full model directory, or a LoRA round's adapter (`<round>/train/final`) on the base its run
+        trained, built by lora.load_adapter_model from that run's config.yaml as `preftune eval` builds it."""
         key = str(path)
         if key not in self.loaded:
-            model_cfg = dataclasses.replace(self.cfg.model, path=key, arch={}, adapter_path="")
-            self.loaded[key] = load_model(model_cfg, self.tokenizer).eval().requires_grad_(False)
+            if lora.is_adapter_dir(path):
+                model = lora.load_adapter_model(path.parent, path)[1]
+            else:
+                model_cfg = dataclasses.replace(self.cfg.model, path=key, arch={}, adapter_path="")
+                model = load_model(model_cfg, self.tokenizer)
+            self.loaded[key] = model.eval().requires_grad_(False)
         return self.loaded[key]
 
     def keep_only(self, *paths: Path) -> None:
@@ -243,41 +179,59 @@ def check_setup(cfg: Config) -> None:
     if not cfg.judge.name:
         raise ConfigError("judge.name: empty; iterate scores its samples with a judge: a reward name (length, "
                           "sentiment), reward_model, openai, or module:function")
-    if cfg.lora.enabled:
-        raise ConfigError("lora.enabled: iterate trains full weights (each round's start is the previous round's "
-                          "exported model); turn LoRA off")
-    if LOSSES.get(cfg.loss.name) is not None and LOSSES[cfg.loss.name].unpaired:
-        raise ConfigError(f"loss.name={cfg.loss.name!r} trains on unpaired data; iterate builds pairs, so use a "
-                          "paired loss (`preftune losses`)")
+    if cfg.model.adapter_path:
+        raise ConfigError(f"model.adapter_path={cfg.model.adapter_path!r}: iterate starts from a full model (with "
+                          "lora.enabled each round trains adapters on it); merge the adapter into its base with "
+                          "`preftune export RUN_DIR OUT` and set model.path=OUT")
+    if cfg.lora.enabled and cfg.reference.mode == "adapters_off" and it.reference == "round_start":
+        raise ConfigError("reference.mode='adapters_off' with iterate.reference='round_start': the policy with its "
+                          "adapters off is the initial model in every round, not the round's start; use auto")
     if cfg.train.stage != "preference":
         raise ConfigError("train.stage: iterate trains preference rounds; run `preftune sft` first and start from "
                           "its model")
 
 
-def round_config(cfg: Config, r: int, start: Path, initial: Path, pairs_path: Path, out: Path) -> Config:
-    """The `train()` config of round r: the user's model/loss/optim/train/perf settings on the round's pairs,
-    starting from `start`, against the reference iterate.reference names."""
+def round_config(cfg: Config, r: int, start: Path, initial: Path, data_path: Path, out: Path) -> Config:
+    """The `train()` config of round r: the user's model/loss/optim/train/perf settings on the round's data
+    (pairs, or unpaired completions for an unpaired loss), starting from `start`, against the reference
+    iterate.reference names.
+
+    With lora.enabled the base is always the initial model and `start` (from round 2) the previous round's
+    adapter, which this round trains further (model.adapter_path): the policy is initial + one adapter, and
+    the initial model is that policy with its adapters off."""
     it = cfg.iterate
+    spec = LOSSES[cfg.loss.name]
+    adapter = lora.is_adapter_dir(start)
     raw = config.to_dict(cfg)
-    raw["model"].update(path=str(start), arch={}, tokenizer=cfg.model.tokenizer or str(initial))
-    raw["data"].update(train=str(pairs_path), eval="", eval_fraction=0.0, format="jsonl", shape="pairs",
-                       fields={}, max_samples=0)
+    raw["model"].update(path=str(initial if adapter else start), arch={}, adapter_path=str(start) if adapter else "",
+                        tokenizer=cfg.model.tokenizer or str(initial))
+    raw["data"].update(train=str(data_path), eval="", eval_fraction=0.0, format="jsonl",
+                       shape="unpaired" if spec.unpaired else "pairs", fields={}, max_samples=0)
     mode, ref_path = cfg.reference.mode, ""
-    needs_reference = LOSSES[cfg.loss.name].needs_reference
+    # one no-grad pass, then no reference model in memory, where the numbers allow it: the table holds one
+    # sum per response of a pair (LD-DPO needs per-token reference log-probs, KTO mismatched rows)
+    table_fits = cfg.loss.ld_alpha == 1.0 and not spec.unpaired
     if it.reference == "initial":
-        ref_path = str(initial)
-        if mode == "auto":
-            # the reference is fixed and every pair of the round is known before training: one no-grad pass,
-            # then no reference model in memory (LD-DPO's per-token reference log-probs need the model)
-            mode = "precomputed" if cfg.loss.ld_alpha == 1.0 else "path"
-        elif mode == "copy":
-            mode = "path"  # a copy of the round's start is the start-of-round policy, not the initial model
+        if cfg.lora.enabled and not adapter and mode in ("auto", "adapters_off"):
+            mode = "adapters_off"  # fresh adapters on the initial model: adapters off is the initial model
+        elif mode in ("auto", "adapters_off"):
+            # adapters_off with a continued adapter is refused (config.validate: the bare base is not the start
+            # of an adapter run), although here the base is exactly the initial model: read it from disk
+            mode, ref_path = ("precomputed" if table_fits else "path"), str(initial)
+        else:
+            # copy: a copy of the round's start is the start-of-round policy, not the initial model
+            mode, ref_path = ("path" if mode == "copy" else mode), str(initial)
     else:  # round_start: train()'s own default, the policy it starts from
         if mode == "auto":
-            mode = "precomputed" if cfg.loss.ld_alpha == 1.0 else "copy"
+            mode = "precomputed" if table_fits else "auto"
         elif mode == "path":
+            if adapter:
+                raise ConfigError("reference.mode='path' with iterate.reference='round_start' and lora.enabled: "
+                                  "the round's start is an adapter, not a model directory; use auto or copy")
             ref_path = str(start)
-    raw["reference"].update(mode=mode, path=ref_path) if needs_reference else \
+    if spec.needs_reference:
+        raw["reference"].update(mode=mode, path=ref_path)
+    else:
         raw["reference"].update(mode="auto", path="")
     raw["train"].update(output_dir=str(out), run_name="train", resume="auto", overwrite=False, eval_every=0,
                         seed=cfg.train.seed + r - 1)
@@ -360,21 +314,30 @@ class Rounds:
         return {"judge": self.judge.name, "scores": _nan_to_none(scores), "dropped": len(failures),
                 "failures": failures}
 
-    # --- pair ---
+    # --- pair: pairs.jsonl always; for an unpaired loss also unpaired.jsonl, what it trains on ---
     def pair(self, rd: Path, samples: dict, scores: np.ndarray) -> dict:
         it = self.it
-        records, counts = make_pairs(samples["prompts"], samples["completions"], scores, samples["k"],
-                                     rule=it.pairing, margin=it.margin, max_per_prompt=it.max_pairs_per_prompt)
-        with open(rd / "pairs.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+        prompts, completions, k = samples["prompts"], samples["completions"], samples["k"]
+        records, counts = make_pairs(prompts, completions, scores, k, rule=it.pairing, margin=it.margin,
+                                     max_per_prompt=it.max_pairs_per_prompt)
+        _write_jsonl(rd / "pairs.jsonl", records)
         gaps = [rec["score_chosen"] - rec["score_rejected"] for rec in records]
-        return {**dataclasses.asdict(counts), "mean_gap": float(np.mean(gaps)) if gaps else None}
+        result = {**dataclasses.asdict(counts), "mean_gap": float(np.mean(gaps)) if gaps else None}
+        if LOSSES[self.cfg.loss.name].unpaired:
+            if it.unpaired_rule == "pair_sides":
+                examples, kept = unpaired_from_pairs(prompts, records)
+            else:
+                examples, kept = unpaired_by_threshold(prompts, completions, scores, k, threshold=it.threshold,
+                                                       margin=it.margin)
+            _write_jsonl(rd / "unpaired.jsonl", examples)
+            result["unpaired"] = {"rule": it.unpaired_rule, **dataclasses.asdict(kept)}
+        return result
 
     # --- train one round: train()'s own loop, which resumes from its checkpoints after a kill ---
     def train(self, r: int, start: Path, rd: Path) -> dict:
         from preftune.train import train  # the engine and loop; pairing and prompts need neither
 
-        run_dir = train(round_config(self.cfg, r, start, self.initial, rd / "pairs.jsonl", rd))
+        run_dir = train(round_config(self.cfg, r, start, self.initial, round_data(self.cfg, rd), rd))
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         last = rows[-1] if rows else {}
         return {"run_dir": str(run_dir), "steps": last.get("step", 0), "loss": last.get("loss"),
@@ -409,6 +372,11 @@ class Rounds:
         return result
 
 
+def round_data(cfg: Config, rd: Path) -> Path:
+    """The file round directory `rd` trains on: its pairs, or its unpaired completions for an unpaired loss."""
+    return rd / ("unpaired.jsonl" if LOSSES[cfg.loss.name].unpaired else "pairs.jsonl")
+
+
 def iterate(cfg: Config, *, progress: bool | None = None) -> Path:
     """Run (or continue) the rounds the config describes; returns the run directory. The final policy is
     `<run dir>/round-<last>/train/final`; `<run dir>/rounds.jsonl` holds one record per round."""
@@ -422,7 +390,7 @@ def iterate(cfg: Config, *, progress: bool | None = None) -> Path:
     # train must not become the saved config a corrected rerun is compared with
     initial = Path(cfg.model.path) if cfg.model.path else out / "initial"
     validate_loss(cfg)  # the loss name first: round_config reads the loss's needs
-    check(round_config(cfg, 1, initial, initial, out / "round-1" / "pairs.jsonl", out / "round-1"))
+    check(round_config(cfg, 1, initial, initial, round_data(cfg, out / "round-1"), out / "round-1"))
     _claim_run_dir(cfg, out)
     run = Rounds(cfg, out, cfg.train.progress if progress is None else progress)
 
@@ -445,10 +413,22 @@ def iterate(cfg: Config, *, progress: bool | None = None) -> Path:
         paired = phase(rd / "pairs.json", partial(run.pair, rd, samples, scores))
         dropped = {key: paired[key] for key in ("ties", "identical", "empty", "unscored", "over_cap")}
         print(f"round {r}: {paired['built']} pairs; dropped: {dropped}", flush=True)
-        if paired["built"] < it.min_pairs:
+        drawn = (f"{len(samples['prompts'])} prompts x {samples['k']} samples, {scored['dropped']} judge item(s) "
+                 "failed")
+        if "unpaired" in paired:
+            kept = paired["unpaired"]
+            examples = kept["desirable"] + kept["undesirable"]
+            print(f"round {r}: {kept['desirable']} desirable and {kept['undesirable']} undesirable completions "
+                  f"({kept['rule']})", flush=True)
+            if examples < it.min_pairs:
+                raise IterateError(f"round {r}: {examples} unpaired completions kept ({kept['desirable']} desirable, "
+                                   f"{kept['undesirable']} undesirable), fewer than iterate.min_pairs={it.min_pairs} "
+                                   f"({drawn}; iterate.unpaired_rule={kept['rule']!r} dropped "
+                                   f"{kept['conflicting']} conflicting, {kept['ties']} ties, {kept['empty']} empty, "
+                                   f"{kept['unscored']} unscored; pairs dropped: {dropped})")
+        elif paired["built"] < it.min_pairs:
             raise IterateError(f"round {r}: {paired['built']} pairs built, fewer than iterate.min_pairs={it.min_pairs} "
-                               f"({len(samples['prompts'])} prompts x {samples['k']} samples, {scored['dropped']} "
-                               f"judge item(s) failed; dropped: {dropped}); sample more per prompt "
+                               f"({drawn}; dropped: {dropped}); sample more per prompt "
                                "(iterate.samples_per_prompt), lower iterate.margin, or use iterate.pairing=all_pairs")
         trained = phase(rd / "train.json", partial(run.train, r, start, rd))
         policy_dir = Path(trained["run_dir"]) / "final"
@@ -523,4 +503,5 @@ def _claim_run_dir(cfg: Config, out: Path) -> None:
     config.save(cfg, saved)
 
 
-__all__ = ["IterateError", "JudgeError", "PairCounts", "iterate", "make_pairs", "round_config", "split_prompts"]
+__all__ = ["IterateError", "JudgeError", "PairCounts", "UnpairedCounts", "iterate", "make_pairs", "round_config",
+           "split_prompts"]
