@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from preftune import cli, config, sft
-from preftune.data import IGNORE, DataError, collate, load_pairs
+from preftune.data import IGNORE, DataError, TokenizedExample, collate, load_pairs
 from preftune.logps import sequence_logps
 from preftune.modeling import load_model, load_tokenizer
 from preftune.train import train
@@ -41,8 +41,8 @@ def test_sft_reads_preference_and_completion_records_alike(tiny, tmp_path):
     pairs, _ = load_pairs(EXAMPLE_PAIRS, tokenizer, cfg.data)
     assert report.used == 16 and len(from_completions) == 16
     for a, b, pair in zip(from_pairs, from_completions, pairs, strict=True):
-        assert (a.prompt_ids, a.chosen_ids) == (b.prompt_ids, b.chosen_ids) == (pair.prompt_ids, pair.chosen_ids)
-        assert a.rejected_ids == []
+        assert (a.prompt_ids, a.response_ids) == (b.prompt_ids, b.response_ids) == (pair.prompt_ids, pair.chosen_ids)
+        assert type(a) is TokenizedExample and a.length == len(pair.prompt_ids) + len(pair.chosen_ids)
 
     # one row per example, identical to the chosen rows of the preference batch
     batch = sft.collate(from_pairs[:4], tokenizer.pad_token_id)

@@ -7,7 +7,7 @@ only what differs: reading examples, collating one row per example, and the per-
 Examples come from any source and shape the data package reads (records.to_example): a preference record
 trains on its preferred response, a {"prompt", "completion"} record on its completion, a TL;DR post on its
 reference summary. They are tokenised by the preference pipeline (prompt ids a prefix of the row, one EOS, the
-same truncation) and held as TokenizedPair with no rejected response.
+same truncation) and held as data.TokenizedExample: a prompt and the one response trained on.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from torch import Tensor
 
 from preftune import data
 from preftune.config import DataConfig
-from preftune.data import Batch, DataError, LoadReport, TokenizedPair
+from preftune.data import Batch, DataError, LoadReport, TokenizedExample, TokenizedUnpaired
 from preftune.data.load import fit, iter_encoded, iter_records, refuse_invalid
 from preftune.logps import sequence_logps
 
 
-def load_examples(source: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[TokenizedPair], LoadReport]:
-    """Tokenised SFT examples (TokenizedPair with empty `rejected_ids`) of any source and shape the preference
-    pipeline reads, and the source's load report. Every record is used (maybe truncated), or skipped and
+def load_examples(source: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[TokenizedExample], LoadReport]:
+    """Tokenised SFT examples of any source and shape the preference pipeline reads, and the source's load
+    report. Every record is used (maybe truncated), or skipped and
     reported; invalid records stop the load as in `data.load_pairs`, unless data.skip_invalid."""
     source = str(source)
     report = LoadReport(source)
@@ -35,7 +35,7 @@ def load_examples(source: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[
     for rec, prompt_ids, (response_ids,) in iter_encoded(records, tokenizer, cfg, report):
         fitted = fit(prompt_ids, [response_ids], cfg, rec.source, report)  # the preference rules, one response
         if fitted is not None:
-            examples.append(TokenizedPair(fitted[0], fitted[1][0], [], rec.source))
+            examples.append(TokenizedExample(fitted[0], fitted[1][0], rec.source))
     report.used = len(examples)
     refuse_invalid(report, cfg)
     if not examples:
@@ -43,11 +43,11 @@ def load_examples(source: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[
     return examples, report
 
 
-def collate(examples: list[TokenizedPair], pad_id: int) -> Batch:
-    """(B, T) rows of prompt + response: the chosen half of the preference collate, nothing else computed."""
-    paired = data.collate(examples, pad_id)  # (2B, T); rejected rows are prompt-only and never run
-    b = len(examples)
-    return Batch(paired.input_ids[:b], paired.attention_mask[:b], paired.labels[:b], paired.sources)
+def collate(examples: list[TokenizedExample], pad_id: int) -> Batch:
+    """(B, T) rows of prompt + response, labels on the response only: the matched rows of the unpaired
+    collate (the one row collate of the data package; its desirable flags are not read)."""
+    rows = [TokenizedUnpaired(e.prompt_ids, e.response_ids, True, e.source) for e in examples]
+    return data.collate_unpaired(rows, pad_id).matched  # (B, T)
 
 
 def step(policy: torch.nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:

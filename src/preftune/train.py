@@ -65,7 +65,7 @@ Forward = tuple[Tensor, dict[str, Tensor], Batch]
 """(per-example losses (B,), per-example metric values by name, the batch)"""
 
 
-def sft_forward(policy: torch.nn.Module, examples: list, pad_id: int, device) -> Forward:
+def sft_forward(policy: torch.nn.Module, examples: list[data.TokenizedExample], pad_id: int, device) -> Forward:
     """SFT: the mean-token NLL of each example's response."""
     batch = sft.collate(examples, pad_id).to(device)
     losses, values = sft.step(policy, batch)
@@ -223,7 +223,8 @@ def _train(cfg: Config, progress: _Progress) -> Path:
     # --- data ---
     tokenizer = load_tokenizer(cfg.model)
     loss_fn = bind(cfg.loss)
-    sft_stage = cfg.train.stage == "sft"  # SFT examples are pairs without a rejected response
+    sft_stage = cfg.train.stage == "sft"
+    # `pairs`: the items the stream indexes, one type per stage (TokenizedExample, TokenizedUnpaired, TokenizedPair)
     if sft_stage:
         pairs, report = sft.load_examples(cfg.data.train, tokenizer, cfg.data)
     elif loss_fn.unpaired:  # `pairs` then holds single completions, each desirable or not (KTO)

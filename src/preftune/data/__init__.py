@@ -28,6 +28,7 @@ from preftune.data.packing import CHOSEN, PAD, PROMPT, REJECTED, PackedBatch, la
 from preftune.data.records import DataError, PairRecord, RecordProblem, UnpairedRecord, to_record
 from preftune.data.sources import read_rows
 from preftune.data.tokenize import (
+    TokenizedExample,
     TokenizedPair,
     TokenizedUnpaired,
     encode_prompt,
@@ -61,7 +62,8 @@ def read_unpaired_jsonl(path: str | Path) -> list[UnpairedRecord]:
 
 
 __all__ = [
-    "IGNORE", "Batch", "DataError", "LoadReport", "PairRecord", "PairStore", "RecordProblem", "TokenizedPair",
+    "IGNORE", "Batch", "DataError", "LoadReport", "PairRecord", "PairStore", "RecordProblem", "TokenizedExample",
+    "TokenizedPair",
     "TokenizedUnpaired", "UnpairedBatch", "UnpairedRecord", "batch_stream", "cache_dir_for", "collate",
     "collate_mismatched", "collate_unpaired", "encode_prompt", "encode_response", "load_pairs", "load_unpaired",
     "read_jsonl", "read_unpaired_jsonl", "render_chat", "steps_for", "tokenize_pair",

@@ -42,6 +42,20 @@ class TokenizedUnpaired:
 
 
 @dataclass(frozen=True)
+class TokenizedExample:
+    """One SFT demonstration: the prompt (labels masked in the batch) and the response trained on. No label and
+    no second response: not a pair with an empty side, nor an unpaired completion that is 'desirable'."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    source: str
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass(frozen=True)
 class _Specials:
     """The special tokens the finishing rules need, looked up once per batch (not per record)."""
 
