@@ -1,6 +1,7 @@
 """Every way of holding the reference gives the same numbers; the precomputed cache is used, reused and
 invalidated; the reference never sees trained weights."""
 
+import dataclasses
 import gc
 import weakref
 
@@ -72,9 +73,9 @@ def test_every_reference_mode_gives_the_same_loss_and_metrics(tiny, tmp_path):
         "lora_precomputed": tiny(lora=on, reference={"mode": "precomputed"}),
         "lora_path": tiny(lora=on, reference={"mode": "path", "path": init}),
     }
-    assert reference.resolve_mode(base) == "copy"
-    assert reference.resolve_mode(tiny(lora=on)) == "adapters_off"
-    assert reference.resolve_mode(tiny(reference={"path": init})) == "path"
+    assert Reference.resolve_mode(base) == "copy"
+    assert Reference.resolve_mode(tiny(lora=on)) == "adapters_off"
+    assert Reference.resolve_mode(tiny(reference={"path": init})) == "path"
     scores = {name: step0_scores(cfg) for name, cfg in {**full, **with_lora}.items()}
 
     want = scores["copy"]
@@ -170,14 +171,14 @@ def test_precompute_frees_the_reference_model(tiny, tmp_path, monkeypatch):
     init = save_start_model(tiny(), tmp_path / "init")
     cfg = tiny(reference={"mode": "precomputed", "path": init})
     loaded = []
-    real_load = reference.load_reference_model
+    real_load = reference.load_frozen
 
     def tracked_load(*args):
         model = real_load(*args)
         loaded.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(reference, "load_reference_model", tracked_load)
+    monkeypatch.setattr(reference, "load_frozen", tracked_load)
     accelerator = Accelerator()
     tokenizer = load_tokenizer(cfg.model)
     pairs, _ = load_pairs(cfg.data.train, tokenizer, cfg.data)
@@ -249,18 +250,28 @@ def test_two_process_precompute_equals_one_process_copy(tmp_path):
     torch.testing.assert_close(table, torch.stack([chosen.logps, rejected.logps], 1), rtol=0, atol=1e-4)
 
 
-def test_model_for_eval_is_the_reference_the_run_trained_against(tiny):
+def test_for_eval_is_the_reference_the_run_trained_against(tiny):
     cfg = tiny(reference={"mode": "precomputed"}, train={"max_steps": 3})
     run_dir = train(cfg)
-    model, tokenizer = reference.model_for_eval(run_dir)
+    tokenizer = load_tokenizer(cfg.model)
+    model = Reference.for_eval(run_dir).model
     pairs, _ = load_pairs(cfg.data.train, tokenizer, cfg.data)
     with torch.no_grad():
         chosen, rejected = sequence_logps(model, collate(pairs, tokenizer.pad_token_id)).halves()
     (cache_file,) = (run_dir.parent / "ref_cache").iterdir()
     torch.testing.assert_close(torch.stack([chosen.logps, rejected.logps], 1), load_file(cache_file)["logps"],
                                rtol=0, atol=1e-4)
-    with pytest.raises(ValueError, match="without a reference"):
-        reference.model_for_eval(train(tiny(train={"stage": "sft", "max_steps": 1, "run_name": "sft"})))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    # a run without a reference gets its starting model, never its trained policy
+    sft_run = train(tiny(train={"stage": "sft", "max_steps": 3, "run_name": "sft"}))
+    start = Reference.for_eval(sft_run)
+    assert start.mode == "none"
+    initial = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    assert reference.weights_digest(start.model) == reference.weights_digest(initial)
+    trained = load_model(dataclasses.replace(cfg.model, path=str(sft_run / "final"), arch={}), tokenizer)
+    assert reference.weights_digest(start.model) != reference.weights_digest(trained)
+    with pytest.raises(ValueError, match="not a run directory"):
+        Reference.for_eval(run_dir / "final")
 
 
 def test_adapters_off_as_a_module_is_the_base_not_the_trained_policy(tiny):

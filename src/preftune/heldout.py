@@ -24,7 +24,7 @@ from preftune.logps import sequence_logps
 from preftune.losses import PAIR_METRICS, BoundLoss, bind
 from preftune.losses import score_pairs as score_batch
 from preftune.modeling import load_model, load_tokenizer
-from preftune.reference import starting_reference
+from preftune.reference import Reference
 
 # per-pair quantities `score_pairs` returns, in the order the loop logs them
 # the training rows' metrics (losses.PAIR_METRICS) and, per pair, the margin between the two rewards
@@ -76,12 +76,10 @@ def load_target(path: str | Path, reference: str | Path | None = None) -> Target
         model_cfg = dataclasses.replace(cfg.model, path=str(policy_dir), arch={}, tokenizer="")
         tokenizer = load_tokenizer(model_cfg)
         policy = load_model(model_cfg, tokenizer).eval()
-    if reference is not None:
-        ref_cfg = dataclasses.replace(cfg.model, path=str(reference), arch={}, tokenizer="", adapter_path="")
-        ref_model = load_model(ref_cfg, tokenizer).eval()
-    else:
-        # never the trained policy (ANCHORS: reference log-probs from the trained policy make every reward 0)
-        ref_model = starting_reference(cfg, tokenizer)
+    # never the trained policy (ANCHORS: reference log-probs from the trained policy make every reward 0)
+    ref_cfg = cfg if reference is None else dataclasses.replace(
+        cfg, reference=dataclasses.replace(cfg.reference, mode="path", path=str(reference)))
+    ref_model = Reference.for_eval(ref_cfg, tokenizer).model
     # one process: both models on the GPU when there is one (sampling a multi-billion model on CPU takes days)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Target(cfg, tokenizer, policy.to(device), ref_model.to(device), run_dir)

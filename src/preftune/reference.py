@@ -8,6 +8,10 @@ Modes (`reference.mode`; docs/reference.md says when to use which):
   path          a frozen model loaded from reference.path (e.g. the SFT model while the policy starts elsewhere)
   none          reference-free losses and SFT: nothing is built or run
 
+One way to get a reference: `Reference.build` for training (before the policy is prepared, then `prepare`),
+`Reference.for_eval` for evaluating a finished run or a config; both read weights from disk through one
+loader, `load_frozen`, and resolve `auto` through `Reference.resolve_mode`.
+
 The reference never sees a trained weight: copy and path are separate frozen modules, adapters_off runs only
 the frozen base weights, and a precomputed table is fixed before the first step; a pair missing from the table
 is an error, never a quiet fall-back to the policy.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import hashlib
 import json
@@ -42,19 +47,6 @@ from preftune.modeling import apply_speedups, load_model, weights_digest
 CACHE_FORMAT = 1  # bump when the meaning of a cached number changes
 
 
-def resolve_mode(cfg: Config) -> str:
-    """The concrete reference mode: `auto` resolved, `none` whenever nothing uses a reference."""
-    if cfg.train.stage == "sft" or not LOSSES[cfg.loss.name].needs_reference:
-        return "none"
-    if cfg.reference.mode != "auto":
-        return cfg.reference.mode
-    if cfg.reference.path:
-        return "path"
-    if cfg.lora.enabled and not cfg.model.adapter_path:
-        return "adapters_off"  # fresh adapters start at zero: the base is exactly the starting policy
-    return "copy"
-
-
 def validate(cfg: Config) -> None:
     """The reference settings against what the loss needs (config.validate has checked the rest)."""
     spec = LOSSES[cfg.loss.name]
@@ -67,7 +59,7 @@ def validate(cfg: Config) -> None:
     if mode == "none":
         raise ConfigError(f"reference.mode='none' but loss {cfg.loss.name!r} needs a reference; choose from "
                           "['auto', 'copy', 'precomputed', 'adapters_off', 'path'], or a reference-free loss")
-    resolved = resolve_mode(cfg)
+    resolved = Reference.resolve_mode(cfg)
     if resolved == "precomputed":
         # the table holds one summed log-prob per response of each pair, fixed before training
         if spec.unpaired:
@@ -106,24 +98,53 @@ class Reference:
         self.logps_chunk = 0  # perf.logps_chunk, set by prepare
         self._identity = ""  # precomputed: the reference weights' digest, part of the cache key
 
+    @staticmethod
+    def resolve_mode(cfg: Config) -> str:
+        """The concrete reference mode: `auto` resolved, `none` whenever nothing uses a reference."""
+        if cfg.train.stage == "sft" or not LOSSES[cfg.loss.name].needs_reference:
+            return "none"
+        if cfg.reference.mode != "auto":
+            return cfg.reference.mode
+        if cfg.reference.path:
+            return "path"
+        if cfg.lora.enabled and not cfg.model.adapter_path:
+            return "adapters_off"  # fresh adapters start at zero: the base is exactly the starting policy
+        return "copy"
+
     @classmethod
     def build(cls, cfg: Config, policy: torch.nn.Module, tokenizer) -> Reference:
-        """The reference of `cfg` for the starting `policy`, before Accelerate wraps it (a deep copy of a
-        wrapped or sharded module would copy the wrapper)."""
-        mode = resolve_mode(cfg)
+        """The reference of `cfg` for training from the starting `policy`, before Accelerate wraps it (a deep
+        copy of a wrapped or sharded module would copy the wrapper)."""
+        mode = cls.resolve_mode(cfg)
         model = None
         if mode == "copy":
             model = copy.deepcopy(policy)
         elif mode == "path":
-            model = load_reference_model(cfg, tokenizer)
+            model = load_frozen(cfg, tokenizer)
         if model is not None:
-            model = model.eval().requires_grad_(False)
+            model = model.eval().requires_grad_(False)  # the copy; load_frozen's model already is
         reference = cls(mode, model)
         if mode == "precomputed":
             # here, not after prepare: every process still holds the full starting weights (under FSDP a
             # digest of each process's shard would differ, and processes would disagree about a cache hit)
             reference._identity = files_digest(cfg.reference.path) if cfg.reference.path else weights_digest(policy)
         return reference
+
+    @classmethod
+    def for_eval(cls, run: str | Path | Config, tokenizer=None) -> Reference:
+        """The reference a run trained against, rebuilt from disk as a frozen model (`.model`) for held-out
+        evaluation; never the trained policy. `run` is a run directory (its config.yaml) or a config;
+        `tokenizer` defaults to the config's.
+
+        Every mode gives the model its numbers came from: reference.path when set, otherwise the starting
+        policy (with model.adapter_path that starting adapter model; for adapters_off the bare base). A run
+        without a reference (SFT, reference-free losses; `.mode` is 'none') gets its starting model, what
+        `preftune eval` compares it with."""
+        from preftune.modeling import load_tokenizer
+
+        cfg = run if isinstance(run, Config) else _run_config(Path(run))
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+        return cls(cls.resolve_mode(cfg), load_frozen(cfg, tokenizer))
 
     def prepare(self, cfg: Config, accelerator: Accelerator, policy: torch.nn.Module, tokenizer,
                 pairs: list[TokenizedPair]) -> Reference:
@@ -202,7 +223,7 @@ class Reference:
             model = policy
             if cfg.reference.path:
                 # the training layout needs the same attention as the policy (packed units never mix)
-                loaded = apply_speedups(load_reference_model(cfg, tokenizer), cfg.perf, trainable=False)
+                loaded = apply_speedups(load_frozen(cfg, tokenizer), cfg.perf, trainable=False)
                 model = place_frozen(loaded.eval().requires_grad_(False), cfg, accelerator)
             table = precompute_logps(model, pairs, tokenizer.pad_token_id, cfg.train.batch_size, accelerator,
                                      cfg.perf)
@@ -250,16 +271,32 @@ class _AdaptersOff(torch.nn.Module):
             policy.train(was_training)
 
 
-def load_reference_model(cfg: Config, tokenizer) -> torch.nn.Module:
-    """reference.path as a HF model in the policy's dtype and attention kernel."""
-    from dataclasses import replace
+def load_frozen(cfg: Config, tokenizer) -> torch.nn.Module:
+    """The one reader of reference weights from disk, frozen and in eval mode, in the policy's dtype and
+    attention kernel: reference.path when set; otherwise the starting policy (model.path, or the random
+    model.arch with train.seed), with model.adapter_path that starting adapter model, except for
+    adapters_off, whose reference is the bare base."""
+    from preftune import lora
 
-    ref_cfg = replace(cfg.model, path=cfg.reference.path, arch={}, adapter_path="")
-    model = load_model(ref_cfg, tokenizer)
-    if model.config.vocab_size < len(tokenizer):
-        raise ValueError(f"reference.path {cfg.reference.path!r}: vocab_size {model.config.vocab_size} is "
-                         f"smaller than the tokenizer's {len(tokenizer)}")
-    return model
+    if cfg.reference.path:
+        try:
+            model = load_model(dataclasses.replace(cfg.model, path=cfg.reference.path, arch={}, adapter_path=""),
+                               tokenizer)
+        except ValueError as err:  # e.g. a vocabulary smaller than the tokenizer's
+            raise ValueError(f"reference.path {cfg.reference.path!r}: {err}") from None
+    else:
+        model = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
+        if cfg.model.adapter_path and Reference.resolve_mode(cfg) != "adapters_off":
+            model = lora.wrap(model, cfg.lora, cfg.model.adapter_path)
+    return model.eval().requires_grad_(False)
+
+
+def _run_config(run_dir: Path) -> Config:
+    from preftune import config
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir}: not a run directory (no config.yaml); pass the run, or a config")
+    return config.load(run_dir / "config.yaml")
 
 
 @torch.no_grad()
@@ -335,32 +372,3 @@ def save_cached(path: Path, table: Tensor, key: str) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"logps": table.contiguous()}, tmp, metadata={"key": key, "pairs": str(len(table))})
     os.replace(tmp, path)  # readers never see half a file
-
-
-def model_for_eval(run_dir: str | Path) -> tuple[torch.nn.Module, object]:
-    """The reference a finished run trained against, as a frozen model for evaluation, rebuilt from the run's
-    config.yaml; never the trained policy. Returns (model, tokenizer)."""
-    from preftune import config
-    from preftune.modeling import load_tokenizer
-
-    cfg = config.load(Path(run_dir) / "config.yaml")
-    if resolve_mode(cfg) == "none":
-        raise ValueError(f"run {str(run_dir)!r} trained without a reference ({cfg.train.stage} stage, loss "
-                         f"{cfg.loss.name!r}); compare against its starting model instead: {cfg.model.path!r}")
-    tokenizer = load_tokenizer(cfg.model)
-    return starting_reference(cfg, tokenizer), tokenizer
-
-
-def starting_reference(cfg: Config, tokenizer) -> torch.nn.Module:
-    """The reference of `cfg` rebuilt from disk, frozen: reference.path when set; otherwise the starting
-    policy (with model.adapter_path: that starting adapter model, never the bare base); the base for
-    adapters_off."""
-    from preftune import lora
-
-    if cfg.reference.path:
-        model = load_reference_model(cfg, tokenizer)
-    else:
-        model = load_model(cfg.model, tokenizer, seed=cfg.train.seed)
-        if cfg.model.adapter_path and resolve_mode(cfg) != "adapters_off":
-            model = lora.wrap(model, cfg.lora, cfg.model.adapter_path)
-    return model.eval().requires_grad_(False)
