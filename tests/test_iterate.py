@@ -272,9 +272,12 @@ def test_pointwise_judge_scores_each_sample_and_the_cache_saves_every_request(tm
 
 def test_endpoint_down_stops_before_any_training_naming_the_url(tmp_path):
     url = "http://127.0.0.1:9/v1"  # discard port: nothing listens
-    with pytest.raises(JudgeError, match=r"judge endpoint http://127.0.0.1:9/v1/chat/completions is not answering"):
+    # the URL and the error itself, before any model is built (no initial model saved, no round started)
+    with pytest.raises(JudgeError, match=r"judge endpoint http://127.0.0.1:9/v1/chat/completions is not answering, "
+                                         r"so the run stops before any training: .*Connection refused"):
         iterate(config.from_dict(iterate_raw(tmp_path, judge=chat_judge(url, retries=0))))
     assert not (tmp_path / "runs" / "it" / "round-1").exists()
+    assert not (tmp_path / "runs" / "it" / "initial").exists()
 
 
 # --- kill -9 in each phase, then the same command: the same weights and records as an uninterrupted run ---
