@@ -5,7 +5,6 @@ Marked slow like every multi-process test (each torchrun costs ~20-30 s of proce
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,18 +20,15 @@ from .conftest import REPO, read_metrics, tiny_config
 LOOSE_KEYS = {"tokens_per_s", "grad_norm"}  # throughput differs; grad_norm compared separately
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(cfg: config.Config, tmp_path, nproc: int) -> subprocess.CompletedProcess:
     path = tmp_path / f"cfg{nproc}.yaml"
     config.save(cfg, path)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "preftune", "train", str(path)]
+    # --standalone: the launcher's rendezvous store binds port 0 itself and the workers share it, so no port
+    # is picked free, released and bound again later (another test or engineer could take it in between,
+    # and the launch then waits for a rendezvous that never comes)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "preftune", "train", str(path)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out

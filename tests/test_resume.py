@@ -3,6 +3,7 @@ uninterrupted run ends (weights bit-identical on CPU, the same metrics.jsonl row
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -12,13 +13,13 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -268,10 +269,38 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, one_threa
 
 # --- SIGKILL at random steps, in fresh processes ---
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def kill_tree(launcher_pid: int, processes: int) -> list[psutil.Process]:
+    """SIGKILL the launcher and every process under it, like a node that dies; returns the processes killed
+    besides the launcher. torchrun starts each worker in a session of its own (torch.distributed.elastic's
+    subprocess handler), so a kill of the launcher's process group alone leaves the workers running, orphaned.
+    The launcher is stopped first so that it starts no worker while its tree is read."""
+    launcher = psutil.Process(launcher_pid)
+    launcher.suspend()
+    workers = launcher.children(recursive=True)
+    if processes > 1:
+        assert len(workers) >= processes, f"expected {processes} workers under torchrun, found {workers}"
+    os.killpg(launcher_pid, signal.SIGKILL)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.send_signal(signal.SIGKILL)
+    return workers
+
+
+def assert_all_dead(workers: list[psutil.Process], timeout_s: float = 30.0) -> None:
+    """No killed worker survives (a zombie waiting for its reaper has stopped running)."""
+    deadline = time.monotonic() + timeout_s
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [w for w in alive if _running(w)]
+        time.sleep(0.05)
+    assert not alive, f"killed workers still running: {[(w.pid, w.status()) for w in alive]}"
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def launch(cfg_path: Path, resume: bool, processes: int) -> subprocess.Popen:
@@ -280,10 +309,11 @@ def launch(cfg_path: Path, resume: bool, processes: int) -> subprocess.Popen:
     if processes == 1:
         cmd = [sys.executable, "-m", "preftune", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               f"--master_port={free_port()}", "-m", "preftune", *args]
-    # own session: the kill takes the launcher and all its workers, like a node that dies. Both streams are
-    # kept (stderr into stdout): the test reads the step the run says it resumed at
+        # --standalone: the rendezvous store binds port 0 itself (no free port picked, released, bound again)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "preftune", *args]
+    # own session, and kill_tree for the workers in sessions of their own. Both streams are kept (stderr
+    # into stdout): the test reads the step the run says it resumed at
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -311,12 +341,15 @@ def run_killing_at(cfg_path: Path, run_dir: Path, kill_steps: list[int], process
             before_resume()
         newest = checkpoint.newest_valid(run_dir) if i > 0 else None
         proc = launch(cfg_path, resume=i > 0, processes=processes)
+        killed = None
         while k is not None and proc.poll() is None:
             if rows_written(run_dir) >= k:
-                os.killpg(proc.pid, signal.SIGKILL)
+                killed = kill_tree(proc.pid, processes)
                 break
             time.sleep(0.01)
         output = proc.communicate()[0]
+        if k is not None and killed is not None:
+            assert_all_dead(killed)  # a surviving worker would go on writing the run the resume reads
         codes.append(proc.returncode)
         if k is None:
             assert proc.returncode == 0, output[-3000:]
