@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Each round takes iterate.prompts_per_round fresh prompts from iterate.prompts, samples "
         "iterate.samples_per_prompt completions per prompt from the current policy, scores them with the judge "
-        "(judge.*), pairs them (iterate.pairing, iterate.margin), trains the round with loss.name, and evaluates "
+        "(judge.*), pairs them (iterate.pairing, iterate.margin; unpaired losses: iterate.unpaired_rule), trains "
+        "the round with loss.name (full weights, or LoRA adapters with lora.enabled), and evaluates "
         "on held-out prompts. One record per round goes to <run dir>/rounds.jsonl. Run the same command again "
         "after an interruption and it continues from the last finished phase (docs/iterate.md).\n\nexample:\n"
         "  preftune iterate configs/hh_iterate.yaml iterate.rounds=2 judge.name=reward_model judge.path=RM_DIR",
