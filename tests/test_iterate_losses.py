@@ -145,3 +145,32 @@ def test_lora_round_start_reference_is_the_round_s_adapter_model(tmp_path):
         raw = iterate_raw(tmp_path, lora=LORA, reference={"mode": "adapters_off"},
                           iterate={"reference": "round_start"}, train={"run_name": "off"})
         iterate(config.from_dict(raw))
+
+
+@pytest.mark.parametrize("loss, lora_on, choice, mode, adapter_start, want", [
+    # loss,  LoRA,  iterate.reference, reference.mode, start is an adapter -> (mode, path) of the round
+    ("dpo", False, "initial", "auto", False, ("precomputed", "initial")),
+    ("kto", False, "initial", "auto", False, ("path", "initial")),  # mismatched rows: no table
+    ("kto", False, "round_start", "auto", False, ("auto", "")),  # train() resolves it: a copy of the start
+    ("dpo", True, "initial", "auto", False, ("adapters_off", "")),  # round 1: fresh adapters on the initial
+    ("dpo", True, "initial", "adapters_off", True, ("precomputed", "initial")),  # round 2+: read from disk
+    ("kto", True, "initial", "auto", True, ("path", "initial")),
+    ("dpo", True, "initial", "copy", True, ("path", "initial")),
+    ("dpo", True, "round_start", "auto", True, ("precomputed", "")),  # the adapter model's starting weights
+    ("kto", True, "round_start", "auto", True, ("auto", "")),  # train(): a copy of the adapter model
+    ("simpo", True, "initial", "auto", True, ("auto", "")),  # reference-free: nothing to build
+])
+def test_round_config_picks_the_reference_each_loss_and_lora_setting_needs(tmp_path, loss, lora_on, choice, mode,
+                                                                            adapter_start, want):
+    raw = iterate_raw(tmp_path, loss={"name": loss}, reference={"mode": mode}, iterate={"reference": choice},
+                      lora=LORA if lora_on else {"enabled": False})
+    initial, start = tmp_path / "initial", tmp_path / "round-1" / "train" / "final"
+    start.mkdir(parents=True)
+    if adapter_start:
+        (start / lora.ADAPTER_CONFIG).write_text("{}")
+    cfg = online.round_config(config.from_dict(raw), 2, start, initial, tmp_path / "d.jsonl", tmp_path / "r2")
+    path = {"initial": str(initial), "": ""}[want[1]]
+    assert (cfg.reference.mode, cfg.reference.path) == (want[0], path)
+    base_and_adapter = (str(initial), str(start)) if adapter_start else (str(start), "")
+    assert (cfg.model.path, cfg.model.adapter_path) == base_and_adapter
+    assert cfg.data.shape == ("unpaired" if loss == "kto" else "pairs")
