@@ -95,7 +95,7 @@ def test_a_filtered_tldr_post_is_sft_data_with_its_reference_summary(tok):
     first = json.loads((FIXTURES / "tldr_filtered.jsonl").read_text().splitlines()[0])
     assert (report.shape, report.used) == ("tldr", 12)
     assert tok.decode(examples[0].prompt_ids).endswith(f"POST: {first['post']}\n\nTL;DR:")
-    assert tok.decode(examples[0].chosen_ids) == " " + first["summary"] + "<eos>"
+    assert tok.decode(examples[0].response_ids) == " " + first["summary"] + "<eos>"
     # one response per prompt is no preference pair: a preference run says so, naming the place and the shape
     with pytest.raises(data.DataError, match=r"tldr_filtered.jsonl:1: shape 'tldr' holds one response per prompt, "
                        r"SFT data .* \(the TL;DR preference data is shape tldr_comparisons\)$"):
