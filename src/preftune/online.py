@@ -47,7 +47,8 @@ from preftune.pairing import PairCounts, UnpairedCounts, make_pairs, unpaired_by
 
 
 class IterateError(RuntimeError):
-    """A round can not go on (too few pairs, too few prompts); the message names the round and the counts."""
+    """A round can not go on (too few pairs or unpaired completions, too few prompts); the message names the
+    round and the counts."""
 
 
 # --- prompts ---
