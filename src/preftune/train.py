@@ -21,7 +21,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sharding, sinks
-from preftune.config import Config, OptimConfig
+from preftune import perf as perf_paths
+from preftune.config import Config, OptimConfig, PerfConfig
 from preftune.data import Batch
 from preftune.logps import batch_logps, sequence_logps
 from preftune.losses import (
@@ -73,13 +74,13 @@ def sft_forward(policy: torch.nn.Module, examples: list, pad_id: int, device) ->
 
 
 def paired_forward(policy: torch.nn.Module, reference: Reference, pairs: list, loss_fn: BoundLoss,
-                   running: RunningMean | None, cfg: Config, pad_id: int, device) -> Forward:
-    """DPO and family: one policy forward over chosen||rejected in the perf.* layout, the reference's rows,
-    then the scoring step held-out evaluation shares (losses.score_pairs)."""
-    batch = data.lay_out(pairs, pad_id, cfg.perf).to(device)
+                   running: RunningMean | None, perf: PerfConfig, pad_id: int, device) -> Forward:
+    """DPO and family: one policy forward over chosen||rejected in the resolved perf layout, the reference's
+    rows, then the scoring step held-out evaluation shares (losses.score_pairs)."""
+    batch = data.lay_out(pairs, pad_id, perf).to(device)
     tokens = dict(with_tokens=loss_fn.needs_token_logps)  # LD-DPO and WPO read per-token log-probs
     policy_chosen, policy_rejected = batch_logps(
-        policy, batch, cfg.perf.logps_chunk, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()
+        policy, batch, perf.logps_chunk, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()
     ref_rows = reference.scores(batch, pairs, **tokens)  # (2B,) rows; None: no reference
     ref_chosen, ref_rejected = ref_rows.halves() if ref_rows is not None else (None, None)
     out, values = score_pairs(loss_fn, policy_chosen, policy_rejected, ref_chosen, ref_rejected, running)
@@ -142,6 +143,23 @@ def check(cfg: Config) -> None:
     first; `preftune iterate` runs it on each round's config before any model loads."""
     validate_loss(cfg)
     validate_reference(cfg)
+
+
+def resolve_perf(cfg: Config, loss_fn: BoundLoss, sft_stage: bool, policy: torch.nn.Module, items: list,
+                 device) -> tuple[PerfConfig, list[str]]:
+    """perf.resolve for this run: the loss's needs, the policy's config, the device and its free memory, and
+    the longest micro-batch the data can make (for the checkpointing policy)."""
+    needs = perf_paths.Needs(cfg.loss.name, paired=not loss_fn.unpaired, token_logps=loss_fn.needs_token_logps,
+                             sq_mass=loss_fn.needs_sq_mass, sft=sft_stage)
+    rows_per_item = 1 if sft_stage or loss_fn.unpaired else 2  # chosen and rejected rows of a pair
+    longest = max((p.length for p in items), default=cfg.data.max_length)
+    step_tokens = rows_per_item * cfg.train.batch_size * longest  # padded rows: an upper bound for any layout
+    core = getattr(policy, "base_model", policy)  # a LoRA wrapper keeps the HF model's config underneath
+    model_config = getattr(core, "config", policy.config)
+    dtype_bytes = torch.finfo(next(policy.parameters()).dtype).bits // 8
+    return perf_paths.resolve(cfg.perf, needs, model_config, perf_paths.machine(device), step_tokens=step_tokens,
+                              dtype_bytes=dtype_bytes, optimizer=cfg.optim.name,
+                              attn_implementation=model_config._attn_implementation)
 
 
 @dataclasses.dataclass
@@ -217,8 +235,6 @@ def _train(cfg: Config, progress: _Progress) -> Path:
     sinks.check_available(cfg)  # on every rank, before anything is written: a missing package stops all of them
     run_dir, resume_from = checkpoint.prepare_run_dir(cfg, accelerator)
     say = accelerator.print
-    if cfg.perf.mmap_threshold_kb and not allocator.set_mmap_threshold(cfg.perf.mmap_threshold_kb):
-        say("perf.mmap_threshold_kb: this C library has no glibc mallopt; the allocator is left as it is")
 
     # --- data ---
     tokenizer = load_tokenizer(cfg.model)
@@ -244,31 +260,32 @@ def _train(cfg: Config, progress: _Progress) -> Path:
         policy = lora.wrap(policy, cfg.lora, cfg.model.adapter_path)
     # before Accelerate wraps the policy, so a copy is of the bare module; mode none builds nothing
     reference = Reference.build(cfg, policy, tokenizer)
+    # the perf paths this run takes: the user's forced switches, the rest chosen for this loss, model and
+    # device; `run_cfg` carries them to everything that reads perf (reference pass, layouts, optimiser), while
+    # `cfg` stays as written (checkpoints and resume compare the user's settings)
+    perf, reasons = resolve_perf(cfg, loss_fn, sft_stage, policy, pairs, accelerator.device)
+    run_cfg = dataclasses.replace(cfg, perf=perf)
+    say(perf_paths.summary(perf, reasons))
+    if perf.mmap_threshold_kb and not allocator.set_mmap_threshold(perf.mmap_threshold_kb):
+        say("perf.mmap_threshold_kb: glibc's mallopt refused; the allocator is left as it is")
     if reference.model is not None and reference.model is not policy:
-        apply_speedups(reference.model, cfg.perf, trainable=False)
-    apply_speedups(policy, cfg.perf)
+        apply_speedups(reference.model, perf, trainable=False)
+    apply_speedups(policy, perf)
     if sharded:  # before the optimiser is built: it must hold the shards, not the full parameters
         policy = sharding.shard(policy, cfg, accelerator.device)
-    fast_layout = cfg.perf.packing or cfg.perf.prefix_sharing
-    if (fast_layout or cfg.perf.logps_chunk) and (loss_fn.unpaired or loss_fn.needs_token_logps
-                                                   or loss_fn.needs_sq_mass):
-        # those paths produce sequence sums only; refuse rather than run the plain path behind the user's back
-        raise ValueError(f"perf.packing, perf.prefix_sharing and perf.logps_chunk give per-sequence sums, but loss "
-                         f"{cfg.loss.name!r} (with its modifiers) needs unpaired rows or per-token log-probs; "
-                         "turn those switches off for this loss")
 
     # --- optimiser and schedule ---
     world, rank = accelerator.num_processes, accelerator.process_index
     pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     total_steps = data.steps_for(len(pairs), pairs_per_step, cfg.train.epochs, cfg.train.max_steps)
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optim,
-                                fused=cfg.perf.fused_adamw)
+                                fused=perf.fused_adamw)
     schedule = Schedule(cfg.optim, total_steps)  # sets each step's lr; a resume may re-plan it
     if not sharded:  # FSDP2 reduces gradients itself: no DDP wrapper around it
         policy, optimizer = accelerator.prepare(policy, optimizer)
     # precomputed: one no-grad pass (or the cache) now, and no reference model from here on. Before any
     # resume loads trained weights: the reference is always the starting model, never a checkpoint
-    reference.prepare(cfg, accelerator, policy, tokenizer, pairs)
+    reference.prepare(run_cfg, accelerator, policy, tokenizer, pairs)
     say(f"{len(pairs)} {'examples' if sft_stage else 'pairs'}, {total_steps} steps of {pairs_per_step}, "
         f"{'sft' if sft_stage else 'loss ' + cfg.loss.name}, reference {reference.mode}"
         f"{' (cached)' if reference.cache_hit else ''}, {world} process(es), run dir {run_dir}")
@@ -342,7 +359,7 @@ def _train(cfg: Config, progress: _Progress) -> Path:
                     losses, values, batch = unpaired_forward(policy, reference, batch_items, loss_fn, kl, pad_id,
                                                              accelerator.device)
                 else:
-                    losses, values, batch = paired_forward(policy, reference, batch_items, loss_fn, running, cfg,
+                    losses, values, batch = paired_forward(policy, reference, batch_items, loss_fn, running, perf,
                                                            pad_id, accelerator.device)
                 # DDP averages gradients over processes, hence x world: the step's gradient is that of
                 # the mean loss over every pair of the step, whatever the batch/accumulation/process split
