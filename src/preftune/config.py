@@ -320,7 +320,8 @@ class PerfConfig:
     """Speed and memory switches. Each one changes how the numbers are computed, never which numbers: every
     combination gives the plain path's loss and gradients (tests/test_perf_paths.py). Unset (null) = automatic:
     train() picks the fastest setting proven equal for the loss, model and device (preftune/perf.py) and says
-    which in one start-up line; true/false or a number forces it."""
+    which in one start-up line; true/false or a number forces it. Code handed an unresolved PerfConfig outside
+    train() (lay_out, apply_speedups, Reference.prepare) reads unset as off."""
 
     plain: bool = False
     """true: the plain padded path with full logits, every switch off (for debugging and comparisons)."""

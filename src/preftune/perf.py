@@ -111,9 +111,10 @@ def resolve(perf: PerfConfig, needs: Needs, model_config, place: Machine, *, ste
     logit_transform = next((n for n in ("final_logit_softcapping", "logit_scale", "logits_scaling")
                             if getattr(model_config, n, None) not in (None, 1, 1.0)), None)
     paired = needs.paired and not needs.sft
-    # the packed / chunked path returns per-sequence sums of paired rows (FAST_PATH_GAP says what it lacks)
-    gap = fast_path_gap(needs) or (f"the model transforms its logits ({logit_transform}), which the packed and "
-                                   "chunked LM head do not reproduce" if logit_transform else "")
+    # every loss, stage and reference mode runs on the packed / chunked path; a model that transforms its
+    # logits does not (the chunked LM head applies none of those transforms)
+    gap = (f"the model transforms its logits ({logit_transform}), which the packed and chunked LM head do not "
+           "reproduce") if logit_transform else ""
     if perf.prefix_sharing is None:
         prefix_sharing = paired
         reasons.append("prefix sharing" + ("" if paired else " off: no pairs to share a prompt"))
@@ -220,17 +221,6 @@ def resolve(perf: PerfConfig, needs: Needs, model_config, place: Machine, *, ste
                                    gradient_checkpointing=checkpointing, compile=compile_, fused_adamw=fused,
                                    mmap_threshold_kb=mmap_kb, attention=attention)
     return resolved, reasons
-
-
-def fast_path_gap(needs: Needs) -> str:
-    """Why the packed / prefix-shared / chunked path cannot serve these needs ('' when it can)."""
-    if needs.sft:
-        return "the fast path scores pairs, SFT examples take the plain path"
-    if not needs.paired:
-        return "the fast path scores pairs, unpaired rows take the plain path"
-    if needs.token_logps or needs.sq_mass:
-        return "the fast path gives per-sequence sums, this loss needs per-token log-probs"
-    return ""
 
 
 def summary(resolved: PerfConfig, reasons: list[str]) -> str:

@@ -24,7 +24,7 @@ from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sha
 from preftune import perf as perf_paths
 from preftune.config import Config, OptimConfig, PerfConfig
 from preftune.data import Batch
-from preftune.logps import batch_logps, sequence_logps
+from preftune.logps import batch_logps
 from preftune.losses import (
     PAIR_METRICS,  # noqa: F401 (re-exported: train.PAIR_METRICS names the logged rows)
     BoundLoss,
@@ -66,10 +66,11 @@ Forward = tuple[Tensor, dict[str, Tensor], Batch]
 """(per-example losses (B,), per-example metric values by name, the batch)"""
 
 
-def sft_forward(policy: torch.nn.Module, examples: list, pad_id: int, device) -> Forward:
-    """SFT: the mean-token NLL of each example's response."""
-    batch = sft.collate(examples, pad_id).to(device)
-    losses, values = sft.step(policy, batch)
+def sft_forward(policy: torch.nn.Module, examples: list, perf: PerfConfig, pad_id: int, device) -> Forward:
+    """SFT: the mean-token NLL of each example's response, in the resolved perf layout (one row each)."""
+    batch = data.lay_out_sequences([(e.prompt_ids, e.chosen_ids) for e in examples], [e.source for e in examples],
+                                   pad_id, perf).to(device)
+    losses, values = sft.step(policy, batch, perf.logps_chunk)
     return losses, values, batch
 
 
@@ -88,15 +89,17 @@ def paired_forward(policy: torch.nn.Module, reference: Reference, pairs: list, l
 
 
 def unpaired_forward(policy: torch.nn.Module, reference: Reference, examples: list, loss_fn: BoundLoss,
-                     kl: Tensor | None, pad_id: int, device) -> Forward:
-    """KTO and kin: single completions, each desirable or not; `kl` is the step's KL estimate
-    (step_kl_estimate, when loss_fn.kl_estimate), the same for every micro-batch of the step."""
-    unpaired = data.collate_unpaired(examples, pad_id).to(device)
-    batch = unpaired.matched
-    policy_rows = sequence_logps(policy, batch)
+                     kl: Tensor | None, perf: PerfConfig, pad_id: int, device) -> Forward:
+    """KTO and kin: single completions, each desirable or not, in the resolved perf layout (row i = example
+    i); `kl` is the step's KL estimate (step_kl_estimate, when loss_fn.kl_estimate), the same for every
+    micro-batch of the step."""
+    batch = data.lay_out_sequences([(e.prompt_ids, e.completion_ids) for e in examples],
+                                   [e.source for e in examples], pad_id, perf).to(device)
+    desirable = torch.tensor([e.desirable for e in examples], dtype=torch.bool, device=device)  # (B,)
+    policy_rows = batch_logps(policy, batch, perf.logps_chunk)
     ref_rows = reference.scores(batch)
-    out = loss_fn(UnpairedLogps(policy_rows.logps, ref_rows.logps, policy_rows.lengths, unpaired.desirable, kl))
-    values = pair_metrics(out, policy_rows.rows(unpaired.desirable), policy_rows.rows(~unpaired.desirable))
+    out = loss_fn(UnpairedLogps(policy_rows.logps, ref_rows.logps, policy_rows.lengths, desirable, kl))
+    values = pair_metrics(out, policy_rows.rows(desirable), policy_rows.rows(~desirable))
     return out.losses, values, batch
 
 
@@ -173,7 +176,7 @@ class _Progress:
 @torch.no_grad()
 def step_kl_estimate(policy: torch.nn.Module, reference: Reference, examples: list[data.TokenizedUnpaired],
                      micro_batches: list[list[int]], rank: int, batch_size: int, pad_id: int, max_length: int,
-                     accelerator: Accelerator) -> torch.Tensor:
+                     accelerator: Accelerator, perf: PerfConfig) -> torch.Tensor:
     """KTO's KL estimate for one optimiser step (Ethayarajh et al. 2024, arXiv:2402.01306, Sec. 4.1): the mean,
     over the m unrelated pairs (x_k, y_{k-1}) of the whole step, of log pi(y|x) - log pi_ref(y|x); the loss
     clamps it at 0 and never differentiates it.
@@ -188,10 +191,11 @@ def step_kl_estimate(policy: torch.nn.Module, reference: Reference, examples: li
     offset = 0
     for global_indices in micro_batches:
         positions = range(offset + rank * batch_size, offset + (rank + 1) * batch_size)
-        rows = data.collate_mismatched([examples[step[k]] for k in positions],
-                                       [examples[step[k - 1]] for k in positions],  # k = 0 takes the last
-                                       pad_id, max_length).to(accelerator.device)
-        logratios = sequence_logps(policy, rows).logps - reference.scores(rows).logps  # (B,)
+        prompts_of = [examples[step[k]] for k in positions]
+        completions_of = [examples[step[k - 1]] for k in positions]  # k = 0 takes the last
+        rows = data.lay_out_sequences(data.mismatched_rows(prompts_of, completions_of, max_length),
+                                      [e.source for e in prompts_of], pad_id, perf).to(accelerator.device)
+        logratios = batch_logps(policy, rows, perf.logps_chunk).logps - reference.scores(rows).logps  # (B,)
         total += torch.stack([logratios.sum(), torch.tensor(float(logratios.numel()), device=total.device)])
         offset += len(global_indices)
     total = accelerator.reduce(total, reduction="sum")
@@ -344,7 +348,7 @@ def _train(cfg: Config, progress: _Progress) -> Path:
         records = []  # (sources, per-example losses) of each micro-batch: names the culprits of a non-finite step
         # KTO: one KL estimate for the whole step, before its gradient passes use it
         kl = step_kl_estimate(policy, reference, pairs, micro_batches, rank, cfg.train.batch_size, pad_id,
-                              cfg.data.max_length, accelerator) if loss_fn.kl_estimate else None
+                              cfg.data.max_length, accelerator, perf) if loss_fn.kl_estimate else None
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
             last = i == len(micro_batches) - 1
@@ -354,10 +358,10 @@ def _train(cfg: Config, progress: _Progress) -> Path:
             with sync:
                 batch_items = [pairs[j] for j in local]
                 if sft_stage:
-                    losses, values, batch = sft_forward(policy, batch_items, pad_id, accelerator.device)
+                    losses, values, batch = sft_forward(policy, batch_items, perf, pad_id, accelerator.device)
                 elif loss_fn.unpaired:
-                    losses, values, batch = unpaired_forward(policy, reference, batch_items, loss_fn, kl, pad_id,
-                                                             accelerator.device)
+                    losses, values, batch = unpaired_forward(policy, reference, batch_items, loss_fn, kl, perf,
+                                                             pad_id, accelerator.device)
                 else:
                     losses, values, batch = paired_forward(policy, reference, batch_items, loss_fn, running, perf,
                                                            pad_id, accelerator.device)
