@@ -30,10 +30,9 @@ class Needs:
     """What the run asks of the log-prob path: the loss's needs and the stage."""
 
     loss: str  # the loss's name, for messages
-    paired: bool = True  # chosen/rejected pairs (False: KTO's unpaired rows, or SFT examples)
-    token_logps: bool = False  # LD-DPO, WPO
-    sq_mass: bool = False  # WPO
-    sft: bool = False
+    paired: bool = True  # chosen/rejected pairs (False: KTO's unpaired rows)
+    sft: bool = False  # SFT examples: single sequences
+    # per-token needs (LD-DPO, WPO) are not here: every path serves them (logps.batch_logps)
 
 
 @dataclass(frozen=True)

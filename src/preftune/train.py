@@ -152,8 +152,7 @@ def resolve_perf(cfg: Config, loss_fn: BoundLoss, sft_stage: bool, policy: torch
                  device) -> tuple[PerfConfig, list[str]]:
     """perf.resolve for this run: the loss's needs, the policy's config, the device and its free memory, and
     the longest micro-batch the data can make (for the checkpointing policy)."""
-    needs = perf_paths.Needs(cfg.loss.name, paired=not loss_fn.unpaired, token_logps=loss_fn.needs_token_logps,
-                             sq_mass=loss_fn.needs_sq_mass, sft=sft_stage)
+    needs = perf_paths.Needs(cfg.loss.name, paired=not loss_fn.unpaired, sft=sft_stage)
     rows_per_item = 1 if sft_stage or loss_fn.unpaired else 2  # chosen and rejected rows of a pair
     longest = max((p.length for p in items), default=cfg.data.max_length)
     step_tokens = rows_per_item * cfg.train.batch_size * longest  # padded rows: an upper bound for any layout
