@@ -11,6 +11,7 @@ import torch
 from preftune import cli, data
 from preftune import reference as reference_module
 from preftune import train as train_module
+from preftune.logps import sequence_logps
 from preftune.losses import LOSSES
 from preftune.modeling import load_model, load_tokenizer
 from preftune.train import sync_reference, train
@@ -84,8 +85,8 @@ def test_kto_trains_on_unpaired_data(tiny):
     reference = load_model(cfg.model, tokenizer, seed=cfg.train.seed).eval()
     policy = type(reference).from_pretrained(run_dir / "final").eval()
     with torch.no_grad():
-        policy_chosen, policy_rejected = train_module.sequence_logps(policy, batch).halves()
-        ref_chosen, ref_rejected = train_module.sequence_logps(reference, batch).halves()
+        policy_chosen, policy_rejected = sequence_logps(policy, batch).halves()
+        ref_chosen, ref_rejected = sequence_logps(reference, batch).halves()
     margins = (policy_chosen.logps - ref_chosen.logps) - (policy_rejected.logps - ref_rejected.logps)
     assert (margins > 0).float().mean() >= 0.9
 
@@ -102,8 +103,7 @@ def spy_on_forwards(monkeypatch) -> list[tuple[int, dict]]:
 
         monkeypatch.setattr(train_module, name, spy)
 
-    # the paired path goes through batch_logps (which picks the perf.* layout), KTO's through sequence_logps
-    spy_on("sequence_logps")
+    # every loss's forwards go through batch_logps (which picks the perf.* layout)
     spy_on("batch_logps")
     spy_on_module = reference_module.batch_logps  # the reference's forwards run in reference.py
 

@@ -163,12 +163,18 @@ def test_packing_keeps_units_apart_and_cuts_padding():
 
 
 @pytest.mark.parametrize("mode", ["copy", "precomputed"])
-def test_train_with_every_switch_logs_the_plain_runs_losses(tiny, mode):
-    # the reference runs the fast path too: on every step (copy) or in its one pass before training
-    plain_dir = train(tiny(train={"max_steps": 3, "run_name": "plain"}, reference={"mode": mode}))
-    fast_dir = train(tiny(train={"max_steps": 3, "run_name": "fast"}, reference={"mode": mode},
-                          perf={"prefix_sharing": True, "packing": True, "logps_chunk": 64,
-                                "gradient_checkpointing": 1, "fused_adamw": True}))
+@pytest.mark.parametrize("arm", ["defaults", "every_switch"])
+def test_train_fast_run_logs_the_plain_runs_losses_and_ends_at_its_weights(tiny, mode, arm, capsys):
+    # the reference runs the fast path too: on every step (copy) or in its one pass before training.
+    # "defaults": no perf section at all, so whatever perf.resolve picks is what is checked against plain
+    fast_perf = {} if arm == "defaults" else {"prefix_sharing": True, "packing": True, "logps_chunk": 64,
+                                              "gradient_checkpointing": 1, "fused_adamw": True}
+    plain_dir = train(tiny(train={"max_steps": 3, "run_name": "plain"}, reference={"mode": mode},
+                           perf={"plain": True}))
+    assert "perf: plain path (perf.plain=true)" in capsys.readouterr().out
+    fast_dir = train(tiny(train={"max_steps": 3, "run_name": "fast"}, reference={"mode": mode}, perf=fast_perf))
+    line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("perf: "))
+    assert "prefix sharing" in line and "chunked LM head" in line and "off:" not in line.split(";")[0]
     plain, fast = read_metrics(plain_dir), read_metrics(fast_dir)
     for p, f in zip(plain, fast, strict=True):
         assert abs(p["loss"] - f["loss"]) < 1e-5

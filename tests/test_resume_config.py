@@ -243,7 +243,7 @@ def test_changed_fields_that_fix_the_numbers_are_refused_each_named(base, tmp_pa
         train(changed)
     message = str(err.value)
     assert "step-00000006" in message
-    for change in ("loss.beta: 0.1 -> 0.2", "perf.packing: False -> True", "train.seed: 0 -> 1",
+    for change in ("loss.beta: 0.1 -> 0.2", "perf.packing: None -> True", "train.seed: 0 -> 1",
                    "data.max_length: 128 -> 120", "reference.mode: 'auto' -> 'precomputed'",
                    "pairs per step (train.batch_size x train.grad_accum x processes): 8 x 1 x 1 = 8 -> 4 x 1 x 1 = 4"):
         assert change in message

@@ -19,8 +19,8 @@ def files_under(path):
 
 
 def test_a_run_refused_by_validation_leaves_nothing_and_the_retry_works(tiny):
-    refused = tiny(loss={"name": "kto"}, perf={"logps_chunk": 1024}, train={"max_steps": 1, "run_name": "kto"})
-    with pytest.raises(ValueError, match="perf.logps_chunk"):
+    refused = tiny(loss={"name": "kto"}, perf={"prefix_sharing": True}, train={"max_steps": 1, "run_name": "kto"})
+    with pytest.raises(ValueError, match="perf.prefix_sharing=true: .* loss .kto."):
         train(refused)
     assert not refused.run_dir().exists()
     fixed = tiny(loss={"name": "kto"}, train={"max_steps": 1, "run_name": "kto"})
@@ -70,10 +70,10 @@ def test_a_directory_that_held_a_run_is_never_removed(tiny):
     run_dir = train(cfg)
     before = files_under(run_dir)
     assert "checkpoints/step-00000002/manifest.json" in before
-    refused = {"loss": {"name": "kto"}, "perf": {"logps_chunk": 1024}}
+    refused = {"loss": {"name": "kto"}, "perf": {"prefix_sharing": True}}
     # resumed (auto) and overwritten, each refused before its first step
     for train_section in ({"resume": "auto"}, {"overwrite": True}):
-        with pytest.raises(ValueError, match="perf.logps_chunk"):
+        with pytest.raises(ValueError, match="perf.prefix_sharing=true: .* loss .kto."):
             train(tiny(**refused, train={"max_steps": 2, "save_every": 1, "run_name": "kept", **train_section}))
         assert run_dir.is_dir() and (run_dir / "final" / "config.json").is_file(), train_section
     # and refused because it already holds a run
@@ -83,9 +83,9 @@ def test_a_directory_that_held_a_run_is_never_removed(tiny):
 
 
 def test_an_empty_directory_given_as_the_run_directory_is_emptied_again(tiny):
-    cfg = tiny(loss={"name": "kto"}, perf={"logps_chunk": 1024}, train={"max_steps": 1, "run_name": "empty"})
+    cfg = tiny(loss={"name": "kto"}, perf={"prefix_sharing": True}, train={"max_steps": 1, "run_name": "empty"})
     cfg.run_dir().mkdir(parents=True)
-    with pytest.raises(ValueError, match="perf.logps_chunk"):
+    with pytest.raises(ValueError, match="perf.prefix_sharing=true: .* loss .kto."):
         train(cfg)
     assert cfg.run_dir().is_dir() and files_under(cfg.run_dir()) == []
 
@@ -104,7 +104,7 @@ def test_only_the_main_process_removes_a_run_directory(tiny, monkeypatch):
 
     monkeypatch.setattr(train_module, "Accelerator", OtherRank)
     monkeypatch.setattr(checkpoint, "prepare_run_dir", rank_zero_created_it)
-    cfg = tiny(loss={"name": "kto"}, perf={"logps_chunk": 1024}, train={"max_steps": 1, "run_name": "ranks"})
-    with pytest.raises(ValueError, match="perf.logps_chunk"):
+    cfg = tiny(loss={"name": "kto"}, perf={"prefix_sharing": True}, train={"max_steps": 1, "run_name": "ranks"})
+    with pytest.raises(ValueError, match="perf.prefix_sharing=true: .* loss .kto."):
         train(cfg)
     assert (cfg.run_dir() / "config.yaml").read_text() == "written by rank 0\n"

@@ -318,33 +318,48 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class PerfConfig:
     """Speed and memory switches. Each one changes how the numbers are computed, never which numbers: every
-    combination gives the plain path's loss and gradients (tests/test_perf_paths.py)."""
+    combination gives the plain path's loss and gradients (tests/test_perf_paths.py). Unset (null) = automatic:
+    train() picks the fastest setting proven equal for the loss, model and device (preftune/perf.py) and says
+    which in one start-up line; true/false or a number forces it. Code handed an unresolved PerfConfig outside
+    train() (lay_out, apply_speedups, Reference.prepare) reads unset as off."""
 
-    prefix_sharing: bool = False
+    plain: bool = False
+    """true: the plain padded path with full logits, every switch off (for debugging and comparisons)."""
+    prefix_sharing: bool | None = None
     """Encode each prompt once: a row holds prompt, chosen, rejected, and a block mask stops the rejected
-    tokens from seeing the chosen ones (Wang et al. 2024, arXiv:2410.20305). Saves the prompt's second pass."""
-    packing: bool = False
+    tokens from seeing the chosen ones (Wang et al. 2024, arXiv:2410.20305). Saves the prompt's second pass.
+    Automatic: on for paired losses."""
+    packing: bool | None = None
     """Padding-free packing: several sequences (or prefix-shared pairs) share one row, kept apart by a
-    per-sequence attention mask and position ids that restart at 0 for each sequence."""
+    per-sequence attention mask and position ids that restart at 0 for each sequence. Automatic: on with
+    attn_implementation=sdpa and hidden_size >= 512 (below that the per-unit attention calls cost more than
+    the padding they save)."""
     pack_tokens: int = 0
     """Row length when packing; 0 = the longest sequence (or pair) of the batch, so attention never spans
     more than the unpacked rows would."""
-    logps_chunk: int = 0
+    logps_chunk: int | None = None
     """> 0: run the LM head and float32 log-softmax on response tokens only, this many tokens at a time,
-    recomputing each chunk in backward; the (2B, T, V) logits never exist. 0: the plain full-logits path."""
-    gradient_checkpointing: int = 0
+    recomputing each chunk in backward; the (2B, T, V) logits never exist. 0: the plain full-logits path.
+    Automatic: 1024 unless the model transforms its logits (soft-capping, scaling)."""
+    gradient_checkpointing: int | None = None
     """Recompute decoder layers' activations in backward instead of keeping them: 1 = every layer (about 1/3
-    more compute, far less memory), n = every n-th layer (a middle ground), 0 = off."""
-    compile: bool = False
-    """torch.compile each decoder layer (dynamic shapes). Pays only on long runs: compiling takes minutes."""
-    fused_adamw: bool = False
+    more compute, far less memory), n = every n-th layer (a middle ground), 0 = off. Automatic: off while the
+    step's estimated activations fit in 1/8 of the memory available, else the sparsest n that fits."""
+    compile: bool | None = None
+    """torch.compile each decoder layer (dynamic shapes). Pays only on long runs: compiling takes minutes.
+    Automatic: off."""
+    fused_adamw: bool | None = None
     """AdamW as one fused kernel per step (torch's fused=True) instead of a for-each over lists of tensors:
-    the same update up to float rounding, without the for-each path's temporary copies of the moments."""
-    mmap_threshold_kb: int = 0
+    the same update up to float rounding, without the for-each path's temporary copies of the moments.
+    Automatic: on for AdamW on CPU and CUDA."""
+    mmap_threshold_kb: int | None = None
     """Linux/glibc only: blocks of at least this many KiB are mapped on their own and go back to the OS the
     moment they are freed (mallopt M_MMAP_THRESHOLD). Without it, glibc raises the threshold as tensors are
     freed and keeps freed activation memory in its heap, so peak RSS grows by a third or more. Costs some
-    page-fault time per step. 0 = leave the allocator alone; 1024 is a good value."""
+    page-fault time per step. 0 = leave the allocator alone. Automatic: 1024 under glibc."""
+    attention: str = ""
+    """Attention kernel for the prefix-shared block mask: sdpa or flex_attention; empty = automatic
+    (FlexAttention on CUDA for prefix-shared rows without packing, otherwise model.attn_implementation)."""
 
 
 @dataclass(frozen=True)
@@ -642,6 +657,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "optim.name": ("adamw", "rmsprop"),
+    "perf.attention": ("", "sdpa", "flex_attention"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.stage": ("preference", "sft"),
@@ -705,7 +721,7 @@ def validate(cfg: Config) -> None:
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(getattr(cfg, section), name)}")
     for name in ("pack_tokens", "logps_chunk", "gradient_checkpointing", "mmap_threshold_kb"):
-        if getattr(cfg.perf, name) < 0:
+        if (getattr(cfg.perf, name) or 0) < 0:
             raise ConfigError(f"perf.{name}: must be >= 0 (0 = automatic / off), got {getattr(cfg.perf, name)}")
     if cfg.optim.name == "rmsprop" and cfg.optim.weight_decay:
         raise ConfigError(f"optim.weight_decay={cfg.optim.weight_decay}: decoupled weight decay is AdamW's; "

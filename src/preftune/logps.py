@@ -81,32 +81,35 @@ def sequence_logps(model: torch.nn.Module, batch: Batch, chunk_rows: int = 0, *,
 
 def batch_logps(model: torch.nn.Module, batch: Batch | PackedBatch, logps_chunk: int = 0, *,
                 with_tokens: bool = False, with_sq_mass: bool = False) -> SequenceLogps:
-    """The (2B,) results of `sequence_logps` by whichever path the batch layout and `perf.logps_chunk` pick.
+    """The per-row results of `sequence_logps` by whichever path the batch layout and `perf.logps_chunk` pick.
 
     Every path computes the same numbers (tests/test_perf_paths.py); they differ in memory and compute.
-    Per-token views (with_tokens, with_sq_mass) exist on the plain path only.
+    Per-token views (with_tokens, with_sq_mass) come from every path: on the plain path position t of a row
+    scores token t+1 (T-1 columns), on the others column j is the row's j-th response token (as many columns
+    as the longest response). Losses read them through the mask (sums, cumulative counts), which is the same
+    in both; policy and reference rows of one batch always share a layout.
     """
-    if with_tokens or with_sq_mass:
-        if isinstance(batch, PackedBatch) or logps_chunk > 0:
-            raise ValueError("per-token log-probs need the plain path: a Batch from collate() and logps_chunk=0")
-        return sequence_logps(model, batch, with_tokens=with_tokens, with_sq_mass=with_sq_mass)
+    tokens = dict(with_tokens=with_tokens, with_sq_mass=with_sq_mass)
     if isinstance(batch, PackedBatch):
-        return packed_sequence_logps(model, batch, logps_chunk)
+        return packed_sequence_logps(model, batch, logps_chunk, **tokens)
     if logps_chunk > 0:
-        return chunked_sequence_logps(model, batch, logps_chunk)
-    return sequence_logps(model, batch)
+        return chunked_sequence_logps(model, batch, logps_chunk, **tokens)
+    return sequence_logps(model, batch, **tokens)
 
 
-def chunked_sequence_logps(model: torch.nn.Module, batch: Batch, chunk_tokens: int) -> SequenceLogps:
+def chunked_sequence_logps(model: torch.nn.Module, batch: Batch, chunk_tokens: int, *, with_tokens: bool = False,
+                           with_sq_mass: bool = False) -> SequenceLogps:
     """`sequence_logps` of a plain batch without the (2B, T, V) logits: the LM head runs on response tokens
     only (prompt and padding positions predict nothing we score), `chunk_tokens` of them at a time."""
     hidden = _final_hidden(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)  # (2B, T, H)
     targets = batch.labels[:, 1:]  # (2B, T-1); token t is predicted by position t-1
-    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)  # (N,) each
-    return _response_logps(model, hidden[rows, cols], targets[rows, cols], rows, hidden.shape[0], chunk_tokens)
+    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)  # (N,) each, row-major: tokens in order
+    return _response_logps(model, hidden[rows, cols], targets[rows, cols], rows, hidden.shape[0], chunk_tokens,
+                           with_tokens=with_tokens, with_sq_mass=with_sq_mass)
 
 
-def packed_sequence_logps(model: torch.nn.Module, batch: PackedBatch, chunk_tokens: int = 0) -> SequenceLogps:
+def packed_sequence_logps(model: torch.nn.Module, batch: PackedBatch, chunk_tokens: int = 0, *,
+                          with_tokens: bool = False, with_sq_mass: bool = False) -> SequenceLogps:
     """`sequence_logps` from a packed and/or prefix-shared layout (data.pack): one forward over its rows with
     per-unit position ids, then the LM head on the predicting positions only.
 
@@ -121,8 +124,8 @@ def packed_sequence_logps(model: torch.nn.Module, batch: PackedBatch, chunk_toke
     hidden = _final_hidden(model, input_ids=batch.input_ids, position_ids=batch.position_ids,
                            **attention)  # (R, L, H)
     pred_hidden = hidden.flatten(0, 1)[batch.pred_index]  # (N, H)
-    return _response_logps(model, pred_hidden, batch.pred_target, batch.pred_owner, 2 * batch.num_pairs,
-                           chunk_tokens)
+    return _response_logps(model, pred_hidden, batch.pred_target, batch.pred_owner, batch.num_rows, chunk_tokens,
+                           with_tokens=with_tokens, with_sq_mass=with_sq_mass)
 
 
 def block_mask(model: torch.nn.Module, segment_ids: Tensor, kinds: Tensor):
@@ -235,14 +238,31 @@ def _lm_head(model: torch.nn.Module) -> torch.nn.Module:
     return core.get_output_embeddings()
 
 
-def _chunk_logps(lm_head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+def _chunk_logps(lm_head: torch.nn.Module, hidden: Tensor, targets: Tensor,
+                 with_sq_mass: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     logits = lm_head(hidden).float()  # (n, V) float32 whatever the model dtype
-    target_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (n,)
-    return target_logps, logits.mean(-1)
+    log_z = logits.logsumexp(-1)  # (n,)
+    target_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - log_z  # (n,)
+    sq_mass = None
+    if with_sq_mass:  # log sum_v p(v)^2 = logsumexp(2 log p) (WPO), never differentiated
+        with torch.no_grad():
+            sq_mass = torch.logsumexp(2 * (logits - log_z[:, None]), dim=-1)  # (n,)
+    return target_logps, logits.mean(-1), sq_mass
+
+
+def _token_columns(owner: Tensor, rows: int) -> tuple[Tensor, int]:
+    """Column of each token in its row's per-token view: its rank among the tokens of its owner, which the
+    layouts list in response order. (N,) and the width (the longest response)."""
+    counts = torch.bincount(owner, minlength=rows)  # (rows,)
+    order = torch.argsort(owner, stable=True)  # tokens grouped by owner, response order kept
+    starts = counts.cumsum(0) - counts  # (rows,) first index of each owner in `order`
+    columns = torch.empty_like(owner)
+    columns[order] = torch.arange(owner.shape[0], device=owner.device) - starts[owner[order]]
+    return columns, int(counts.max()) if owner.numel() else 0
 
 
 def _response_logps(model: torch.nn.Module, pred_hidden: Tensor, targets: Tensor, owner: Tensor, rows: int,
-                    chunk_tokens: int) -> SequenceLogps:
+                    chunk_tokens: int, *, with_tokens: bool = False, with_sq_mass: bool = False) -> SequenceLogps:
     """Sum of log p(target | its predicting position) per result row.
 
     pred_hidden (N, H), targets (N,), owner (N,) in [0, rows). With chunk_tokens > 0 each chunk's logits are
@@ -252,16 +272,28 @@ def _response_logps(model: torch.nn.Module, pred_hidden: Tensor, targets: Tensor
     lm_head = _lm_head(model)
     step = chunk_tokens if chunk_tokens > 0 else max(1, targets.shape[0])
     recompute = chunk_tokens > 0 and torch.is_grad_enabled()
-    token_logps, token_mean_logits = [], []
+    token_logps, token_mean_logits, token_sq_mass = [], [], []
     for s in range(0, targets.shape[0], step):
-        args = (lm_head, pred_hidden[s:s + step], targets[s:s + step])
-        lp, ml = checkpoint(_chunk_logps, *args, use_reentrant=False) if recompute else _chunk_logps(*args)
+        args = (lm_head, pred_hidden[s:s + step], targets[s:s + step], with_sq_mass)
+        lp, ml, sq = checkpoint(_chunk_logps, *args, use_reentrant=False) if recompute else _chunk_logps(*args)
         token_logps.append(lp)
         token_mean_logits.append(ml.detach())
+        token_sq_mass.append(sq)
     zeros = torch.zeros(rows, device=targets.device)
     lengths = zeros.index_add(0, owner, torch.ones_like(owner, dtype=zeros.dtype))  # (rows,)
+    all_logps = torch.cat(token_logps)  # (N,)
+    views = {}
+    if with_tokens or with_sq_mass:
+        columns, width = _token_columns(owner, rows)
+        grid = torch.zeros(rows, width, device=targets.device)  # (rows, longest response)
+        views = dict(token_logps=grid.index_put((owner, columns), all_logps),
+                     token_mask=torch.zeros(rows, width, dtype=torch.bool, device=targets.device).index_put(
+                         (owner, columns), torch.ones_like(owner, dtype=torch.bool)))
+        if with_sq_mass:
+            views["token_log_sq_mass"] = grid.index_put((owner, columns), torch.cat(token_sq_mass))
     return SequenceLogps(
-        logps=zeros.index_add(0, owner, torch.cat(token_logps)),  # (rows,)
+        logps=zeros.index_add(0, owner, all_logps),  # (rows,)
         lengths=lengths,
         mean_logits=zeros.index_add(0, owner, torch.cat(token_mean_logits)) / lengths.clamp(min=1),
+        **views,
     )

@@ -88,6 +88,9 @@ def apply_speedups(model: torch.nn.Module, perf: PerfConfig, trainable: bool = T
     the same ops, unit attention is tested against the plain path, compiled layers against eager ones."""
     if perf.packing:
         use_unit_attention(model)  # a packed row attends unit by unit instead of through a (L, L) mask
+    elif perf.attention == "flex_attention" and model.config._attn_implementation != "flex_attention":
+        # prefix-shared rows' block mask becomes a BlockMask whose fully masked tiles are skipped (GPU)
+        model.set_attn_implementation("flex_attention")
     if perf.gradient_checkpointing and trainable:
         # non-reentrant: works with frozen inputs and keyword arguments such as the packed units
         model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=perf.gradient_checkpointing)

@@ -150,7 +150,7 @@ class Reference:
                 pairs: list[TokenizedPair]) -> Reference:
         """Place the reference beside the prepared policy; for precomputed, fill the table from the cache or
         one no-grad pass over `pairs` (the policy's starting weights, or reference.path) and free that model."""
-        self.logps_chunk = cfg.perf.logps_chunk
+        self.logps_chunk = cfg.perf.logps_chunk or 0  # unset outside train() (which resolves it): off
         if self.model is not None:
             self.model = place_frozen(self.model, cfg, accelerator)
         elif self.mode == "adapters_off":
@@ -192,10 +192,9 @@ class Reference:
         self.model.eval()
         try:
             with torch.no_grad(), switch:
-                # the policy's path and perf layout (packed, prefix-shared, chunked LM head); per-token
-                # views only exist on the plain path, which batch_logps takes for them
-                return batch_logps(self.model, batch, 0 if with_tokens else self.logps_chunk,
-                                   with_tokens=with_tokens)
+                # the policy's path and perf layout (packed, prefix-shared, chunked LM head), so per-token
+                # views come in the policy's columns
+                return batch_logps(self.model, batch, self.logps_chunk, with_tokens=with_tokens)
         finally:
             self.model.train(was_training)
 
@@ -320,7 +319,7 @@ def precompute_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id:
     for start in range(0, per_rank, batch_size):
         rows = share[start:start + batch_size]
         batch = data.lay_out([pairs[i] for i in rows], pad_id, perf).to(accelerator.device)
-        chosen, rejected = batch_logps(model, batch, perf.logps_chunk).halves()
+        chosen, rejected = batch_logps(model, batch, perf.logps_chunk or 0).halves()
         local[start:start + len(rows)] = torch.stack([chosen.logps, rejected.logps], dim=1).float()
     model.train(was_training)
     gathered = accelerator.gather(local).cpu()  # (world * per_rank, 2), rank-major

@@ -19,9 +19,9 @@ from torch import Tensor
 
 from preftune import data
 from preftune.config import DataConfig
-from preftune.data import Batch, DataError, LoadReport, TokenizedExample, TokenizedUnpaired
+from preftune.data import Batch, DataError, LoadReport, PackedBatch, TokenizedExample, TokenizedUnpaired
 from preftune.data.load import fit, iter_encoded, iter_records, refuse_invalid
-from preftune.logps import sequence_logps
+from preftune.logps import batch_logps
 
 
 def load_examples(source: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[TokenizedExample], LoadReport]:
@@ -50,13 +50,13 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> Batch:
     return data.collate_unpaired(rows, pad_id).matched  # (B, T)
 
 
-def step(policy: torch.nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+def step(policy: torch.nn.Module, batch: Batch | PackedBatch, logps_chunk: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
     """(B,) per-example loss and the (B,) per-example values the trainer logs, by name (the names of the
     preference metrics they share: loss = mean-token NLL, the response's log-prob and mean logit).
 
     The loss of an example is its mean-token NLL, so each example weighs the same whatever its length and the
     loop's mean over a step's examples is independent of how the step is split into micro-batches.
     """
-    scored = sequence_logps(policy, batch)  # rows are examples: no halves
+    scored = batch_logps(policy, batch, logps_chunk)  # rows are examples: no halves; any perf layout
     losses = -scored.logps / scored.lengths.clamp(min=1)  # (B,)
     return losses, {"loss": losses.detach(), "logps/chosen": scored.logps.detach(), "logits/chosen": scored.mean_logits}

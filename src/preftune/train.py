@@ -21,9 +21,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sharding, sinks
-from preftune.config import Config, OptimConfig
+from preftune import perf as perf_paths
+from preftune.config import Config, OptimConfig, PerfConfig
 from preftune.data import Batch
-from preftune.logps import batch_logps, sequence_logps
+from preftune.logps import batch_logps
 from preftune.losses import (
     PAIR_METRICS,  # noqa: F401 (re-exported: train.PAIR_METRICS names the logged rows)
     BoundLoss,
@@ -65,21 +66,23 @@ Forward = tuple[Tensor, dict[str, Tensor], Batch]
 """(per-example losses (B,), per-example metric values by name, the batch)"""
 
 
-def sft_forward(policy: torch.nn.Module, examples: list[data.TokenizedExample], pad_id: int, device) -> Forward:
-    """SFT: the mean-token NLL of each example's response."""
-    batch = sft.collate(examples, pad_id).to(device)
-    losses, values = sft.step(policy, batch)
+def sft_forward(policy: torch.nn.Module, examples: list[data.TokenizedExample], perf: PerfConfig, pad_id: int,
+                device) -> Forward:
+    """SFT: the mean-token NLL of each example's response, in the resolved perf layout (one row each)."""
+    batch = data.lay_out_sequences([(e.prompt_ids, e.response_ids) for e in examples],
+                                   [e.source for e in examples], pad_id, perf).to(device)
+    losses, values = sft.step(policy, batch, perf.logps_chunk)
     return losses, values, batch
 
 
 def paired_forward(policy: torch.nn.Module, reference: Reference, pairs: list, loss_fn: BoundLoss,
-                   running: RunningMean | None, cfg: Config, pad_id: int, device) -> Forward:
-    """DPO and family: one policy forward over chosen||rejected in the perf.* layout, the reference's rows,
-    then the scoring step held-out evaluation shares (losses.score_pairs)."""
-    batch = data.lay_out(pairs, pad_id, cfg.perf).to(device)
+                   running: RunningMean | None, perf: PerfConfig, pad_id: int, device) -> Forward:
+    """DPO and family: one policy forward over chosen||rejected in the resolved perf layout, the reference's
+    rows, then the scoring step held-out evaluation shares (losses.score_pairs)."""
+    batch = data.lay_out(pairs, pad_id, perf).to(device)
     tokens = dict(with_tokens=loss_fn.needs_token_logps)  # LD-DPO and WPO read per-token log-probs
     policy_chosen, policy_rejected = batch_logps(
-        policy, batch, cfg.perf.logps_chunk, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()
+        policy, batch, perf.logps_chunk, with_sq_mass=loss_fn.needs_sq_mass, **tokens).halves()
     ref_rows = reference.scores(batch, pairs, **tokens)  # (2B,) rows; None: no reference
     ref_chosen, ref_rejected = ref_rows.halves() if ref_rows is not None else (None, None)
     out, values = score_pairs(loss_fn, policy_chosen, policy_rejected, ref_chosen, ref_rejected, running)
@@ -87,15 +90,17 @@ def paired_forward(policy: torch.nn.Module, reference: Reference, pairs: list, l
 
 
 def unpaired_forward(policy: torch.nn.Module, reference: Reference, examples: list, loss_fn: BoundLoss,
-                     kl: Tensor | None, pad_id: int, device) -> Forward:
-    """KTO and kin: single completions, each desirable or not; `kl` is the step's KL estimate
-    (step_kl_estimate, when loss_fn.kl_estimate), the same for every micro-batch of the step."""
-    unpaired = data.collate_unpaired(examples, pad_id).to(device)
-    batch = unpaired.matched
-    policy_rows = sequence_logps(policy, batch)
+                     kl: Tensor | None, perf: PerfConfig, pad_id: int, device) -> Forward:
+    """KTO and kin: single completions, each desirable or not, in the resolved perf layout (row i = example
+    i); `kl` is the step's KL estimate (step_kl_estimate, when loss_fn.kl_estimate), the same for every
+    micro-batch of the step."""
+    batch = data.lay_out_sequences([(e.prompt_ids, e.completion_ids) for e in examples],
+                                   [e.source for e in examples], pad_id, perf).to(device)
+    desirable = torch.tensor([e.desirable for e in examples], dtype=torch.bool, device=device)  # (B,)
+    policy_rows = batch_logps(policy, batch, perf.logps_chunk)
     ref_rows = reference.scores(batch)
-    out = loss_fn(UnpairedLogps(policy_rows.logps, ref_rows.logps, policy_rows.lengths, unpaired.desirable, kl))
-    values = pair_metrics(out, policy_rows.rows(unpaired.desirable), policy_rows.rows(~unpaired.desirable))
+    out = loss_fn(UnpairedLogps(policy_rows.logps, ref_rows.logps, policy_rows.lengths, desirable, kl))
+    values = pair_metrics(out, policy_rows.rows(desirable), policy_rows.rows(~desirable))
     return out.losses, values, batch
 
 
@@ -144,6 +149,22 @@ def check(cfg: Config) -> None:
     validate_reference(cfg)
 
 
+def resolve_perf(cfg: Config, loss_fn: BoundLoss, sft_stage: bool, policy: torch.nn.Module, items: list,
+                 device) -> tuple[PerfConfig, list[str]]:
+    """perf.resolve for this run: the loss's needs, the policy's config, the device and its free memory, and
+    the longest micro-batch the data can make (for the checkpointing policy)."""
+    needs = perf_paths.Needs(cfg.loss.name, paired=not loss_fn.unpaired, sft=sft_stage)
+    rows_per_item = 1 if sft_stage or loss_fn.unpaired else 2  # chosen and rejected rows of a pair
+    longest = max((p.length for p in items), default=cfg.data.max_length)
+    step_tokens = rows_per_item * cfg.train.batch_size * longest  # padded rows: an upper bound for any layout
+    core = getattr(policy, "base_model", policy)  # a LoRA wrapper keeps the HF model's config underneath
+    model_config = getattr(core, "config", policy.config)
+    dtype_bytes = torch.finfo(next(policy.parameters()).dtype).bits // 8
+    return perf_paths.resolve(cfg.perf, needs, model_config, perf_paths.machine(device), step_tokens=step_tokens,
+                              dtype_bytes=dtype_bytes, optimizer=cfg.optim.name,
+                              attn_implementation=model_config._attn_implementation)
+
+
 @dataclasses.dataclass
 class _Progress:
     """What train() needs to know from inside the loop when a run fails."""
@@ -155,7 +176,7 @@ class _Progress:
 @torch.no_grad()
 def step_kl_estimate(policy: torch.nn.Module, reference: Reference, examples: list[data.TokenizedUnpaired],
                      micro_batches: list[list[int]], rank: int, batch_size: int, pad_id: int, max_length: int,
-                     accelerator: Accelerator) -> torch.Tensor:
+                     accelerator: Accelerator, perf: PerfConfig) -> torch.Tensor:
     """KTO's KL estimate for one optimiser step (Ethayarajh et al. 2024, arXiv:2402.01306, Sec. 4.1): the mean,
     over the m unrelated pairs (x_k, y_{k-1}) of the whole step, of log pi(y|x) - log pi_ref(y|x); the loss
     clamps it at 0 and never differentiates it.
@@ -170,10 +191,11 @@ def step_kl_estimate(policy: torch.nn.Module, reference: Reference, examples: li
     offset = 0
     for global_indices in micro_batches:
         positions = range(offset + rank * batch_size, offset + (rank + 1) * batch_size)
-        rows = data.collate_mismatched([examples[step[k]] for k in positions],
-                                       [examples[step[k - 1]] for k in positions],  # k = 0 takes the last
-                                       pad_id, max_length).to(accelerator.device)
-        logratios = sequence_logps(policy, rows).logps - reference.scores(rows).logps  # (B,)
+        prompts_of = [examples[step[k]] for k in positions]
+        completions_of = [examples[step[k - 1]] for k in positions]  # k = 0 takes the last
+        rows = data.lay_out_sequences(data.mismatched_rows(prompts_of, completions_of, max_length),
+                                      [e.source for e in prompts_of], pad_id, perf).to(accelerator.device)
+        logratios = batch_logps(policy, rows, perf.logps_chunk).logps - reference.scores(rows).logps  # (B,)
         total += torch.stack([logratios.sum(), torch.tensor(float(logratios.numel()), device=total.device)])
         offset += len(global_indices)
     total = accelerator.reduce(total, reduction="sum")
@@ -217,8 +239,6 @@ def _train(cfg: Config, progress: _Progress) -> Path:
     sinks.check_available(cfg)  # on every rank, before anything is written: a missing package stops all of them
     run_dir, resume_from = checkpoint.prepare_run_dir(cfg, accelerator)
     say = accelerator.print
-    if cfg.perf.mmap_threshold_kb and not allocator.set_mmap_threshold(cfg.perf.mmap_threshold_kb):
-        say("perf.mmap_threshold_kb: this C library has no glibc mallopt; the allocator is left as it is")
 
     # --- data ---
     tokenizer = load_tokenizer(cfg.model)
@@ -245,31 +265,32 @@ def _train(cfg: Config, progress: _Progress) -> Path:
         policy = lora.wrap(policy, cfg.lora, cfg.model.adapter_path)
     # before Accelerate wraps the policy, so a copy is of the bare module; mode none builds nothing
     reference = Reference.build(cfg, policy, tokenizer)
+    # the perf paths this run takes: the user's forced switches, the rest chosen for this loss, model and
+    # device; `run_cfg` carries them to everything that reads perf (reference pass, layouts, optimiser), while
+    # `cfg` stays as written (checkpoints and resume compare the user's settings)
+    perf, reasons = resolve_perf(cfg, loss_fn, sft_stage, policy, pairs, accelerator.device)
+    run_cfg = dataclasses.replace(cfg, perf=perf)
+    say(perf_paths.summary(perf, reasons))
+    if perf.mmap_threshold_kb and not allocator.set_mmap_threshold(perf.mmap_threshold_kb):
+        say("perf.mmap_threshold_kb: glibc's mallopt refused; the allocator is left as it is")
     if reference.model is not None and reference.model is not policy:
-        apply_speedups(reference.model, cfg.perf, trainable=False)
-    apply_speedups(policy, cfg.perf)
+        apply_speedups(reference.model, perf, trainable=False)
+    apply_speedups(policy, perf)
     if sharded:  # before the optimiser is built: it must hold the shards, not the full parameters
         policy = sharding.shard(policy, cfg, accelerator.device)
-    fast_layout = cfg.perf.packing or cfg.perf.prefix_sharing
-    if (fast_layout or cfg.perf.logps_chunk) and (loss_fn.unpaired or loss_fn.needs_token_logps
-                                                   or loss_fn.needs_sq_mass):
-        # those paths produce sequence sums only; refuse rather than run the plain path behind the user's back
-        raise ValueError(f"perf.packing, perf.prefix_sharing and perf.logps_chunk give per-sequence sums, but loss "
-                         f"{cfg.loss.name!r} (with its modifiers) needs unpaired rows or per-token log-probs; "
-                         "turn those switches off for this loss")
 
     # --- optimiser and schedule ---
     world, rank = accelerator.num_processes, accelerator.process_index
     pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     total_steps = data.steps_for(len(pairs), pairs_per_step, cfg.train.epochs, cfg.train.max_steps)
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optim,
-                                fused=cfg.perf.fused_adamw)
+                                fused=perf.fused_adamw)
     schedule = Schedule(cfg.optim, total_steps)  # sets each step's lr; a resume may re-plan it
     if not sharded:  # FSDP2 reduces gradients itself: no DDP wrapper around it
         policy, optimizer = accelerator.prepare(policy, optimizer)
     # precomputed: one no-grad pass (or the cache) now, and no reference model from here on. Before any
     # resume loads trained weights: the reference is always the starting model, never a checkpoint
-    reference.prepare(cfg, accelerator, policy, tokenizer, pairs)
+    reference.prepare(run_cfg, accelerator, policy, tokenizer, pairs)
     say(f"{len(pairs)} {'examples' if sft_stage else 'pairs'}, {total_steps} steps of {pairs_per_step}, "
         f"{'sft' if sft_stage else 'loss ' + cfg.loss.name}, reference {reference.mode}"
         f"{' (cached)' if reference.cache_hit else ''}, {world} process(es), run dir {run_dir}")
@@ -328,7 +349,7 @@ def _train(cfg: Config, progress: _Progress) -> Path:
         records = []  # (sources, per-example losses) of each micro-batch: names the culprits of a non-finite step
         # KTO: one KL estimate for the whole step, before its gradient passes use it
         kl = step_kl_estimate(policy, reference, pairs, micro_batches, rank, cfg.train.batch_size, pad_id,
-                              cfg.data.max_length, accelerator) if loss_fn.kl_estimate else None
+                              cfg.data.max_length, accelerator, perf) if loss_fn.kl_estimate else None
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * cfg.train.batch_size:(rank + 1) * cfg.train.batch_size]
             last = i == len(micro_batches) - 1
@@ -338,12 +359,12 @@ def _train(cfg: Config, progress: _Progress) -> Path:
             with sync:
                 batch_items = [pairs[j] for j in local]
                 if sft_stage:
-                    losses, values, batch = sft_forward(policy, batch_items, pad_id, accelerator.device)
+                    losses, values, batch = sft_forward(policy, batch_items, perf, pad_id, accelerator.device)
                 elif loss_fn.unpaired:
-                    losses, values, batch = unpaired_forward(policy, reference, batch_items, loss_fn, kl, pad_id,
-                                                             accelerator.device)
+                    losses, values, batch = unpaired_forward(policy, reference, batch_items, loss_fn, kl, perf,
+                                                             pad_id, accelerator.device)
                 else:
-                    losses, values, batch = paired_forward(policy, reference, batch_items, loss_fn, running, cfg,
+                    losses, values, batch = paired_forward(policy, reference, batch_items, loss_fn, running, perf,
                                                            pad_id, accelerator.device)
                 # DDP averages gradients over processes, hence x world: the step's gradient is that of
                 # the mean loss over every pair of the step, whatever the batch/accumulation/process split

@@ -21,10 +21,22 @@ from preftune.data.batches import (
     collate,
     collate_mismatched,
     collate_unpaired,
+    mismatched_rows,
     steps_for,
 )
 from preftune.data.load import LoadReport, PairStore, cache_dir_for, load_pairs, load_unpaired
-from preftune.data.packing import CHOSEN, PAD, PROMPT, REJECTED, PackedBatch, lay_out, pack, padding_share
+from preftune.data.packing import (
+    CHOSEN,
+    PAD,
+    PROMPT,
+    REJECTED,
+    PackedBatch,
+    lay_out,
+    lay_out_sequences,
+    pack,
+    pack_sequences,
+    padding_share,
+)
 from preftune.data.records import DataError, PairRecord, RecordProblem, UnpairedRecord, to_record
 from preftune.data.sources import read_rows
 from preftune.data.tokenize import (
@@ -67,5 +79,6 @@ __all__ = [
     "TokenizedUnpaired", "UnpairedBatch", "UnpairedRecord", "batch_stream", "cache_dir_for", "collate",
     "collate_mismatched", "collate_unpaired", "encode_prompt", "encode_response", "load_pairs", "load_unpaired",
     "read_jsonl", "read_unpaired_jsonl", "render_chat", "steps_for", "tokenize_pair",
-    "CHOSEN", "PAD", "PROMPT", "REJECTED", "PackedBatch", "lay_out", "pack", "padding_share",
+    "CHOSEN", "PAD", "PROMPT", "REJECTED", "PackedBatch", "lay_out", "lay_out_sequences", "mismatched_rows", "pack",
+    "pack_sequences", "padding_share",
 ]

@@ -72,7 +72,7 @@ class Batch:
                      self.sources)
 
 
-def _collate_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, sources: list[str]) -> Batch:
+def collate_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, sources: list[str]) -> Batch:
     """Right-padded rows of prompt+response with labels on the response only."""
     width = max(len(a) + len(b) for a, b in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -89,7 +89,7 @@ def _collate_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, sources:
 def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> Batch:
     """Right-padded (2B, T) rows: [prompt+chosen for each pair] + [prompt+rejected for each pair]."""
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    return _collate_rows(rows, pad_id, [p.source for p in pairs])
+    return collate_rows(rows, pad_id, [p.source for p in pairs])
 
 
 # --- unpaired completions (KTO) ---
@@ -108,7 +108,7 @@ class UnpairedBatch:
 def collate_unpaired(examples: Sequence[TokenizedUnpaired], pad_id: int) -> UnpairedBatch:
     """The matched rows prompt_i + completion_i of B unpaired examples, and their labels."""
     sources = [e.source for e in examples]
-    matched = _collate_rows([(e.prompt_ids, e.completion_ids) for e in examples], pad_id, sources)
+    matched = collate_rows([(e.prompt_ids, e.completion_ids) for e in examples], pad_id, sources)
     desirable = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
     return UnpairedBatch(matched, desirable)
 
@@ -119,6 +119,12 @@ def collate_mismatched(prompts_of: Sequence[TokenizedUnpaired], completions_of: 
     whose mean log-ratio estimates KL(pi || pi_ref) in KTO (arXiv:2402.01306, Sec. 4). The loop pairs each
     example of an optimiser step with the completion of the step's previous example (cyclically). A row longer
     than max_length loses completion tokens, keeping at least one."""
-    rows = [(e.prompt_ids, c.completion_ids[:max(1, max_length - len(e.prompt_ids))])
+    return collate_rows(mismatched_rows(prompts_of, completions_of, max_length), pad_id,
+                         [e.source for e in prompts_of])
+
+
+def mismatched_rows(prompts_of: Sequence[TokenizedUnpaired], completions_of: Sequence[TokenizedUnpaired],
+                    max_length: int) -> list[tuple[list[int], list[int]]]:
+    """The (prompt, completion) token lists of collate_mismatched's rows, for any layout."""
+    return [(e.prompt_ids, c.completion_ids[:max(1, max_length - len(e.prompt_ids))])
             for e, c in zip(prompts_of, completions_of, strict=True)]
-    return _collate_rows(rows, pad_id, [e.source for e in prompts_of])

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from preftune.config import PerfConfig
-from preftune.data.batches import Batch, collate
+from preftune.data.batches import Batch, collate, collate_rows
 from preftune.data.tokenize import TokenizedPair
 
 
@@ -49,6 +49,8 @@ class PackedBatch:
     units: list[tuple[int, int, int, int, int]]
     """(row, start column, prompt, first response, second response lengths) of each unit; the second response
     is 0 unless prefix-shared. What an attention kernel needs to attend unit by unit without any mask."""
+    num_rows: int = 0
+    """rows of the result: 2B for pairs (chosen then rejected), B for single sequences (pack_sequences)"""
 
     @property
     def num_pairs(self) -> int:
@@ -72,6 +74,15 @@ def lay_out(pairs: list[TokenizedPair], pad_id: int, perf: PerfConfig) -> Batch 
     return collate(pairs, pad_id)
 
 
+def lay_out_sequences(rows: list[tuple[list[int], list[int]]], sources: list[str], pad_id: int,
+                      perf: PerfConfig) -> Batch | PackedBatch:
+    """`lay_out` for single prompt + response sequences (KTO's rows, SFT examples): packed when perf.packing,
+    else plain right-padded rows; there is no prompt to share."""
+    if perf.packing:
+        return pack_sequences(rows, sources, pad_id, packing=True, row_tokens=perf.pack_tokens)
+    return collate_rows(rows, pad_id, sources)
+
+
 def pack(pairs: list[TokenizedPair], pad_id: int, *, prefix_sharing: bool, packing: bool,
          row_tokens: int = 0) -> PackedBatch:
     """Lay pairs out for one forward without per-sequence padding (see PackedBatch).
@@ -91,6 +102,22 @@ def pack(pairs: list[TokenizedPair], pad_id: int, *, prefix_sharing: bool, packi
             units.append([(PROMPT, p.prompt_ids, -1), (CHOSEN, p.chosen_ids, i)])
             # its own unit, so CHOSEN marks "the response" here; only a shared unit needs REJECTED apart
             units.append([(PROMPT, p.prompt_ids, -1), (CHOSEN, p.rejected_ids, b + i)])
+    num_tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    return _pack_units(units, pad_id, packing, row_tokens, [p.source for p in pairs], num_tokens, 2 * b)
+
+
+def pack_sequences(rows: list[tuple[list[int], list[int]]], sources: list[str], pad_id: int, *, packing: bool,
+                   row_tokens: int = 0) -> PackedBatch:
+    """Single prompt + response sequences (KTO's unpaired rows, SFT examples) packed like `pack` packs pairs:
+    result row i is sequence i. packing=False keeps one sequence per row, right-padded."""
+    units = [[(PROMPT, prompt, -1), (CHOSEN, response, i)] for i, (prompt, response) in enumerate(rows)]
+    num_tokens = sum(len(prompt) + len(response) for prompt, response in rows)
+    return _pack_units(units, pad_id, packing, row_tokens, sources, num_tokens, len(rows))
+
+
+def _pack_units(units: list[list[tuple[int, list[int], int]]], pad_id: int, packing: bool, row_tokens: int,
+                sources: list[str], num_tokens: int, num_rows: int) -> PackedBatch:
+    """Units placed into rows (first-fit, longest first, when packing) and the PackedBatch of that layout."""
     sizes = [sum(len(ids) for _, ids, _ in u) for u in units]
     if packing:
         width = max(row_tokens, max(sizes)) if row_tokens > 0 else sum(sizes)
@@ -135,7 +162,5 @@ def pack(pairs: list[TokenizedPair], pad_id: int, *, prefix_sharing: bool, packi
                     pred_target += ids
                     pred_owner += [owner] * n
                 col += n
-    num_tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     return PackedBatch(input_ids, position_ids, segment_ids, kinds, torch.tensor(pred_index),
-                       torch.tensor(pred_target), torch.tensor(pred_owner), [p.source for p in pairs], num_tokens,
-                       spans)
+                       torch.tensor(pred_target), torch.tensor(pred_owner), sources, num_tokens, spans, num_rows)

@@ -112,9 +112,7 @@ def iterate_config(s: Settings, start: Path, tokenizer_dir: Path, out: Path, cla
         "reference": {"mode": "copy"},
         "train": {"output_dir": str(out), "run_name": "iterate", "batch_size": s.batch_size, "epochs": s.epochs,
                   "seed": s.seed, "progress": progress},
-        # the plain path's numbers, faster: the prompt encoded once per pair, the LM head (49k vocab) on
-        # response tokens only, one fused AdamW kernel (docs/performance.md)
-        "perf": {"prefix_sharing": True, "logps_chunk": 1024, "fused_adamw": True},
+        # no perf section: train() picks the fast paths itself (docs/performance.md, "Defaults")
         "judge": {"name": judge, "path": str(classifier_dir)},
         # the held-out samples: the seed the demo's policy samples always had (the reference's is seed + 10,000)
         "eval": {"seed": s.seed + 20_000, "n_per_prompt": s.eval_samples},

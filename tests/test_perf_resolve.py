@@ -1,0 +1,86 @@
+"""perf.resolve: what an unset perf section turns into, and the forced switches it refuses before training."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from preftune import perf
+from preftune.config import ConfigError, PerfConfig
+
+GIB = 2 ** 30
+CPU = perf.Machine("cpu", 16 * GIB, glibc=True)
+DPO = perf.Needs("dpo")
+
+
+def _model(hidden=256, layers=4, **extra):
+    return SimpleNamespace(hidden_size=hidden, num_hidden_layers=layers, **extra)
+
+
+def test_unset_section_on_a_small_model_on_cpu():
+    resolved, reasons = perf.resolve(PerfConfig(), DPO, _model(), CPU, step_tokens=4096)
+    assert (resolved.prefix_sharing, resolved.packing, resolved.logps_chunk) == (True, False, perf.CHUNK_TOKENS)
+    assert (resolved.gradient_checkpointing, resolved.fused_adamw, resolved.mmap_threshold_kb) == (0, True, 1024)
+    assert resolved.attention == "sdpa" and resolved.compile is False
+    assert any("hidden 256 < 512" in r for r in reasons)  # the reason packing is off
+
+
+def test_packing_on_for_wide_models_and_flex_attention_only_on_gpu_without_packing():
+    resolved, _ = perf.resolve(PerfConfig(), DPO, _model(hidden=768), CPU, step_tokens=4096)
+    assert resolved.packing and resolved.attention == "sdpa"
+    gpu = perf.Machine("cuda", 80 * GIB, glibc=True)
+    assert perf.resolve(PerfConfig(), DPO, _model(), gpu, step_tokens=4096)[0].attention == "flex_attention"
+    assert perf.resolve(PerfConfig(), DPO, _model(hidden=768), gpu, step_tokens=4096)[0].attention == "sdpa"
+
+
+def test_checkpointing_policy_follows_activations_against_memory():
+    # 12 layers x 5120 tokens x 768 x 24 values x 4 bytes = 4.5 GiB kept without checkpointing
+    model = _model(hidden=768, layers=12)
+    kept = perf.activation_bytes(model, 5120, 4)
+    assert kept == 12 * 5120 * 768 * 24 * 4
+    roomy = perf.Machine("cpu", int(kept / perf.ACTIVATION_BUDGET) + 1, glibc=True)
+    assert perf.resolve(PerfConfig(), DPO, model, roomy, step_tokens=5120)[0].gradient_checkpointing == 0
+    # half the room: every 2nd layer recomputed keeps half the activations, which just fits
+    half = perf.Machine("cpu", int(kept / 2 / perf.ACTIVATION_BUDGET) + 1, glibc=True)
+    assert perf.resolve(PerfConfig(), DPO, model, half, step_tokens=5120)[0].gradient_checkpointing == 2
+    tight = perf.Machine("cpu", GIB, glibc=True)
+    assert perf.resolve(PerfConfig(), DPO, model, tight, step_tokens=5120)[0].gradient_checkpointing == 1
+
+
+def test_plain_turns_everything_off_and_refuses_forced_switches_beside_it():
+    resolved, reasons = perf.resolve(PerfConfig(plain=True), DPO, _model(hidden=768), CPU, step_tokens=64)
+    assert not (resolved.prefix_sharing or resolved.packing or resolved.logps_chunk or resolved.fused_adamw
+                or resolved.gradient_checkpointing or resolved.mmap_threshold_kb)
+    assert reasons == ["plain path (perf.plain=true)"]
+    with pytest.raises(ConfigError, match="perf.plain=true .* perf.packing"):
+        perf.resolve(PerfConfig(plain=True, packing=True), DPO, _model(), CPU, step_tokens=64)
+
+
+def test_forced_switches_win_over_the_automatic_choice():
+    forced = PerfConfig(prefix_sharing=False, packing=True, logps_chunk=0, gradient_checkpointing=3,
+                        fused_adamw=False, mmap_threshold_kb=0)
+    resolved, reasons = perf.resolve(forced, DPO, _model(), CPU, step_tokens=64)
+    assert (resolved.prefix_sharing, resolved.packing, resolved.logps_chunk) == (False, True, 0)
+    assert (resolved.gradient_checkpointing, resolved.fused_adamw, resolved.mmap_threshold_kb) == (3, False, 0)
+    assert "packing on (forced)" in reasons
+
+
+@pytest.mark.parametrize(("forced", "needs", "model", "place", "match"), [
+    (PerfConfig(packing=True), DPO, _model(), CPU, r"perf.packing=true: .*'eager'.* for loss 'dpo'; set model"),
+    (PerfConfig(logps_chunk=64), DPO, _model(final_logit_softcapping=30.0), CPU,
+     r"perf.logps_chunk=64: .*final_logit_softcapping.* for loss 'dpo'; leave perf.logps_chunk unset .* set it to 0"),
+    (PerfConfig(mmap_threshold_kb=1024), DPO, _model(), perf.Machine("cpu", GIB, glibc=False),
+     r"perf.mmap_threshold_kb=1024: .*not glibc for loss 'dpo'; set perf.mmap_threshold_kb=0"),
+    (PerfConfig(prefix_sharing=True), perf.Needs("kto", paired=False), _model(), CPU,
+     r"perf.prefix_sharing=true: .* no pairs for loss 'kto'"),
+    (PerfConfig(attention="flex_attention", packing=True), DPO, _model(), CPU, r"perf.attention=flex_attention"),
+])
+def test_a_forced_switch_that_cannot_serve_names_switch_loss_and_alternative(forced, needs, model, place, match):
+    attn = "eager" if forced.packing and not forced.attention else "sdpa"
+    with pytest.raises(ConfigError, match=match):
+        perf.resolve(forced, needs, model, place, step_tokens=64, attn_implementation=attn)
+
+
+def test_logit_transforming_models_keep_the_plain_lm_head_when_automatic():
+    resolved, reasons = perf.resolve(PerfConfig(), DPO, _model(final_logit_softcapping=30.0), CPU, step_tokens=64)
+    assert resolved.logps_chunk == 0 and not resolved.prefix_sharing and not resolved.packing
+    assert any("final_logit_softcapping" in r for r in reasons)
