@@ -1,6 +1,6 @@
-"""`preftune train CONFIG` with the log-probs of two pairs broken, for tests/test_deepspeed.py: the pair
-BAD_LOSS gets a NaN log-prob, BAD_GRAD an infinite gradient (tests/test_nonfinite.py's poison), on every
-process of a launch. Usage: poisoned_train.py BAD_LOSS BAD_GRAD CONFIG"""
+"""`preftune train CONFIG` with the log-probs of one pair broken on every process of a launch, for
+tests/test_deepspeed.py: HOW is loss (a NaN log-prob) or grad (an infinite gradient), as in
+tests/test_nonfinite.py. Usage: poisoned_train.py HOW SOURCE CONFIG"""
 
 import sys
 
@@ -8,8 +8,7 @@ from preftune import train as train_module
 from preftune.cli import main
 from tests.test_nonfinite import poisoned
 
-bad_loss, bad_grad, cfg_path = sys.argv[1:4]
+how, bad, cfg_path = sys.argv[1:4]
 for name in ("batch_logps", "sequence_logps"):
-    real = getattr(train_module, name)
-    setattr(train_module, name, poisoned(poisoned(real, {bad_loss}, "loss"), {bad_grad}, "grad"))
+    setattr(train_module, name, poisoned(getattr(train_module, name), {bad}, how))
 sys.exit(main(["train", cfg_path]))

@@ -181,30 +181,30 @@ def test_token_level_loss_and_precomputed_reference_under_zero3_equal_plain(tmp_
 
 
 @pytest.mark.slow  # accelerate launch, 2 processes
-def test_non_finite_steps_under_zero3_are_skipped_as_in_the_plain_loop(tmp_path, monkeypatch):
-    """One pair with a NaN log-prob and another with an infinite gradient, 2 micro-batches per step: a NaN
-    loss poisons the last backward so the engine drops the step (and what the first micro-batch
-    accumulated); an infinite gradient the engine's own norm check drops. Same skipped steps, losses,
-    weights as the plain loop's skips."""
+@pytest.mark.parametrize("how", ["loss", "grad"])
+def test_non_finite_steps_under_zero3_are_skipped_as_in_the_plain_loop(tmp_path, monkeypatch, how):
+    """One pair with a NaN log-prob (a NaN loss whose gradient is finite: the NaN is a constant), or with an
+    infinite gradient, in the first of 2 micro-batches per step. NaN loss: the loop poisons the last
+    backward so the engine drops the step together with what the first micro-batch accumulated; infinite
+    gradient: the engine's own norm check drops it. Same skipped steps, losses and weights as the plain
+    loop's skips (which never call optimizer.step())."""
     from .test_nonfinite import poison
 
     data = tmp_path / "pairs.jsonl"
     data.write_text((REPO / "examples" / "pairs.jsonl").read_text())
-    bad_loss, bad_grad = f"{data}:5", f"{data}:12"
+    bad = f"{data}:5"  # in steps 1, 4 and 5, in the first micro-batch of each
     common = {"data": {"train": str(data)}}
     plain = tiny_config(tmp_path, **common, train={"run_name": "plain", "batch_size": 4, "grad_accum": 2,
                                                    "max_steps": 6})
     two = tiny_config(tmp_path, **common, train={"run_name": "two", "batch_size": 2, "grad_accum": 2,
                                                  "max_steps": 6})
     with monkeypatch.context() as patched:
-        poison(patched, {bad_loss}, "loss")
-        poison(patched, {bad_grad}, "grad")
+        poison(patched, {bad}, how)
         train(plain)
-    deepspeed_run(two, tmp_path, 3, script=[str(REPO / "tests" / "poisoned_train.py"), bad_loss, bad_grad])
+    deepspeed_run(two, tmp_path, 3, script=[str(REPO / "tests" / "poisoned_train.py"), how, bad])
     want, got = read_metrics(plain.run_dir()), read_metrics(two.run_dir())
-    assert want[-1]["skipped_steps"] == got[-1]["skipped_steps"] >= 4  # each bad pair once per epoch
+    assert [r["skipped_steps"] for r in got] == [r["skipped_steps"] for r in want] == [1, 1, 1, 2, 3, 3]
     for a, b in zip(want, got, strict=True):
-        assert b["skipped_steps"] == a["skipped_steps"], a["step"]
         assert (b["loss"] is None) == (a["loss"] is None), a["step"]
         if a["loss"] is not None:
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5), a["step"]
@@ -248,6 +248,34 @@ def test_zero3_sigkill_then_resume_equals_uninterrupted_bit_for_bit(tmp_path):
     cmd, env = command(whole_path, 3)
     assert subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600).returncode == 0
     assert_same_run(killed.run_dir(), whole.run_dir(), context)
+
+
+@pytest.mark.gpu  # benchmarks/gpu_check.py runs it on CUDA (NCCL); here on CPU (gloo)
+@pytest.mark.slow  # accelerate launch, 1 process, three times
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_on_one_device_trains_checkpoints_resumes_and_exports(tmp_path, stage):
+    """ZeRO on the one device of this machine (CUDA when there is one): the plain run's losses and weights,
+    an engine checkpoint that resumes bit for bit, and a bf16 run (bf16 weights in compute, fp32 master
+    copy in the optimiser) within bf16 rounding of fp32: 8 mantissa bits give ~4e-3 relative per weight,
+    so losses near 0.69 within 1e-2."""
+    plain = tiny_config(tmp_path, train={"run_name": "plain", "batch_size": 8, "max_steps": 4})
+    one = tiny_config(tmp_path, train={"run_name": "one", "batch_size": 8, "max_steps": 4, "save_every": 2})
+    train(plain)
+    deepspeed_run(one, tmp_path, stage, processes=1)
+    close_runs(one.run_dir(), plain.run_dir(), atol=1e-5)
+    resumed = config.replace(config.replace(one, "train.run_name", "resumed"), "train.resume",
+                             str(one.run_dir() / "checkpoints/step-00000002"))
+    deepspeed_run(resumed, tmp_path, stage, processes=1)
+    want = load_file(one.run_dir() / "final" / "model.safetensors")
+    got = load_file(resumed.run_dir() / "final" / "model.safetensors")
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    bf16 = config.replace(config.replace(plain, "train.run_name", "bf16"), "train.mixed_precision", "bf16")
+    deepspeed_run(bf16, tmp_path, stage, processes=1)
+    rows = read_metrics(bf16.run_dir())
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 0, 0]
+    for a, b in zip(read_metrics(plain.run_dir()), rows, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-2), a["step"]
+    assert read_metrics(plain.run_dir())[-1]["loss"] < 0.69 - 0.05  # fp32 did learn: the bound is not vacuous
 
 
 # --- in-process, no deepspeed needed: the config filling and the refusals ---
