@@ -181,6 +181,17 @@ def test_token_level_loss_and_precomputed_reference_under_zero3_equal_plain(tmp_
 
 
 @pytest.mark.slow  # accelerate launch, 2 processes
+def test_perf_switches_under_zero3_equal_the_plain_run(tmp_path):
+    """Prefix sharing + packing (unit attention) and gradient checkpointing on the partitioned ZeRO-3 model."""
+    perf = {"prefix_sharing": True, "packing": True, "gradient_checkpointing": 1}
+    plain = tiny_config(tmp_path, train={"run_name": "plain", "batch_size": 8, "max_steps": 4})
+    two = tiny_config(tmp_path, perf=perf, train={"run_name": "two", "batch_size": 4, "max_steps": 4})
+    train(plain)
+    deepspeed_run(two, tmp_path, 3)
+    close_runs(two.run_dir(), plain.run_dir())
+
+
+@pytest.mark.slow  # accelerate launch, 2 processes
 @pytest.mark.parametrize("how", ["loss", "grad"])
 def test_non_finite_steps_under_zero3_are_skipped_as_in_the_plain_loop(tmp_path, monkeypatch, how):
     """One pair with a NaN log-prob (a NaN loss whose gradient is finite: the NaN is a constant), or with an

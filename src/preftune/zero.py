@@ -60,8 +60,6 @@ def refuse_unsupported(cfg: Config, stage: int) -> None:
             "partition of the head's weight; set perf.logps_chunk=0"),
         "lora.enabled=true": (cfg.lora.enabled, "LoRA under DeepSpeed is not tested here; use FSDP2 "
                                                 "(parallel.sharding=fsdp2) for LoRA"),
-        f"perf.gradient_checkpointing={cfg.perf.gradient_checkpointing}": (
-            cfg.perf.gradient_checkpointing > 0, "gradient checkpointing under DeepSpeed is not tested here"),
     }
     for fields, (on, why) in refused.items():
         if on:
