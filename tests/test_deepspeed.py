@@ -236,6 +236,7 @@ def test_zero3_sigkill_then_resume_equals_uninterrupted_bit_for_bit(tmp_path):
                                                   "save_every": 2})
         cfg = config.replace(cfg, "model.arch", {**cfg.model.arch, **DROPOUT})
         path = tmp_path / name / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
         config.save(cfg, path)
         return cfg, path
 
