@@ -644,8 +644,9 @@ def _load_engine(ckpt: Path, engine: torch.nn.Module, written_by: int, world: in
         raise CheckpointError(
             f"{ckpt} holds DeepSpeed ZeRO partitions written by {written_by} process(es); this run has {world}. "
             f"Resume it on {written_by} processes, or start a new run from its weights: "
-            f"`python {ckpt / SHARDS / 'zero_to_fp32.py'} {ckpt / SHARDS} OUT --tag {ENGINE_TAG}`, then "
-            "model.path=OUT (the optimiser state starts afresh)")
+            f"`python {ckpt / SHARDS / 'zero_to_fp32.py'} {ckpt / SHARDS} OUT --tag {ENGINE_TAG} "
+            "--safe_serialization` writes them in fp32 to OUT; add the run's final/ config and tokenizer "
+            "files and set model.path=OUT (the optimiser state starts afresh)")
     try:
         path, _ = engine.load_checkpoint(ckpt / SHARDS, tag=ENGINE_TAG, load_optimizer_states=True,
                                          load_lr_scheduler_states=False, load_module_strict=True)
