@@ -6,7 +6,9 @@
 Steps:
   1. `pytest -m gpu tests/test_gpu.py` on the device: bf16 log-probs (fp32 log-softmax), the fused SDPA
      kernels against the math kernel, FlexAttention's block mask for prefix sharing, FSDP2 on one device
-     (train, sharded checkpoint, resume, export, bf16).
+     (train, sharded checkpoint, resume, export, bf16); and `pytest -m gpu tests/test_deepspeed.py`: DeepSpeed
+     ZeRO-2 and ZeRO-3 on one device through `accelerate launch` (train = the plain run, engine checkpoint,
+     bit-exact resume, export, bf16).
   2. A DPO benchmark on a random-init Llama of ~0.94B parameters (hidden 2048, 16 layers, vocab 32000; --cpu:
      a 2-layer toy), workload from benchmarks/vs_trl.py (the same model files, tokenizer and synthetic
      pairs feed every arm: prompts 64-128 tokens, responses 64-192, batch 8, max_length 512, beta 0.1, AdamW),
@@ -193,7 +195,8 @@ def environment() -> dict:
 
 
 def device_tests(args: argparse.Namespace, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", str(REPO / "tests" / "test_gpu.py"), "-q", "-p",
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", str(REPO / "tests" / "test_gpu.py"),
+           str(REPO / "tests" / "test_deepspeed.py"), "-q", "-p",
            "no:cacheprovider", f"--junitxml={out / 'gpu_tests.xml'}", *args.pytest_args.split()]
     env = dict(os.environ, PREFTUNE_TEST_DEVICE="cpu" if args.cpu else "cuda")
     started = time.perf_counter()

@@ -10,10 +10,14 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR --cpu        # the same on CPU (tests/test_gpu_check.py runs this)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=(trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
+# deepspeed's needs the GPU image lacks (it has einops, msgpack, ninja, psutil, py-cpuinfo): hjson, pydantic
+WHEELS=(trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+        hjson==3.1.0 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2)
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl "${WHEELS[@]}"
+  # PyPI has deepspeed as an sdist only: built here as install.sh builds it, a pure-Python wheel (~2 MB)
+  DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8
   ls -l .whl
   exit 0
 fi

@@ -48,7 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from preftune import config, sharding
+from preftune import config, sharding, zero
 
 log = logging.getLogger("preftune")
 
@@ -57,6 +57,8 @@ CHECKPOINTS = "checkpoints"
 FILES = ("model.safetensors", "state.pt", "trainer_state.json", "config.yaml")
 SHARDS = "shards"  # DCP directory of a sharded checkpoint
 SHARDED_FILES = (f"{SHARDS}/.metadata", "state.pt", "trainer_state.json", "config.yaml")
+ENGINE_TAG = "engine"  # DeepSpeed: engine.save_checkpoint's tag, the folder under shards/ it writes
+ZERO_FILES = ("state.pt", "trainer_state.json", "config.yaml")  # plus every file the engine wrote
 RESUMES = "resumes.jsonl"
 # What a resume may change, by config field (docs/robustness.md, "Resuming with a changed config"):
 # run control changes where and how the run reports, saves and stops, never a number it computes: free.
@@ -168,10 +170,13 @@ def verify(ckpt: Path) -> str | None:
         return "no manifest.json (the save did not finish)"
     except (ValueError, KeyError, TypeError) as err:
         return f"manifest.json is unreadable ({err})"
-    required = SHARDED_FILES if manifest.get("sharding", "none") != "none" else FILES
+    written = manifest.get("sharding", "none")
+    required = FILES if written == "none" else ZERO_FILES if written in zero.STAGES.values() else SHARDED_FILES
     for name in required:
         if name not in files:
             return f"manifest lists no {name}"
+    if written in zero.STAGES.values() and not any(name.startswith(f"{SHARDS}/") for name in files):
+        return f"manifest lists no {SHARDS}/ files (DeepSpeed's)"
     for name in files:  # a sharded checkpoint's manifest also lists every process's shard files
         path = ckpt / name
         if not path.is_file():
@@ -247,9 +252,9 @@ def save(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Mod
     this; the main one writes. `stateful` objects are saved through their state_dict(); `extra` holds plain
     values (numbers, strings, tensors, containers) that load() hands back. A failed write (full disk) stops
     every process with a CheckpointError that says the previous checkpoint is intact."""
-    if sharding.is_sharded(model):
+    if sharding.is_sharded(model) or zero.layout(model):
         return _save_sharded(accelerator, run_dir, step, model, stateful, cfg, extra)
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if accelerator.distributed_type == DistributedType.FSDP:
         # their optimiser state is sharded over the processes; the main one alone can not write it
         if accelerator.is_main_process:
             log.warning("checkpoints under %s are not supported yet: step %d not saved (see docs/robustness.md)",
@@ -349,7 +354,7 @@ def load(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, stateful:
     which accepts tensors and plain containers only.
     """
     _check_layout(ckpt, model)
-    if sharding.is_sharded(model):
+    if sharding.is_sharded(model) or zero.layout(model):
         return _load_sharded(accelerator, ckpt, model, stateful, cfg)
     state, trainer_state, changes = _read_state(ckpt, cfg, accelerator.num_processes)
     try:
@@ -482,11 +487,16 @@ def _check_layout(ckpt: Path, model: torch.nn.Module) -> None:
         written = json.loads((ckpt / "trainer_state.json").read_text()).get("sharding", "none")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {ckpt} could not be read: {err}") from None
-    running = sharding.SHARDED if sharding.is_sharded(model) else "none"
+    running = _layout(model)
     if written != running:
         raise CheckpointError(f"{ckpt} was written with parallel.sharding={written}, this run has "
                               f"parallel.sharding={running}; resume with parallel.sharding={written} (its "
                               "optimiser state is stored in that layout), or start afresh from an export")
+
+
+def _layout(model: torch.nn.Module) -> str:
+    """How a checkpoint of `model` stores it: "none", "fsdp2", or DeepSpeed's "zero2" / "zero3"."""
+    return zero.layout(model) or (sharding.SHARDED if sharding.is_sharded(model) else "none")
 
 
 def _own_files(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -524,12 +534,21 @@ def _save_sharded(accelerator: Accelerator, run_dir: Path, step: int, model: tor
             error = f"could not create {tmp}: {err}"
     if _any_failed(accelerator, error):
         raise CheckpointError(error or f"the main process could not create {tmp} (see its error)")
-    model_state, optim_state = get_state_dict(model, stateful["optimizer"])  # this process's shards (DTensors)
+    layout = _layout(model)
     files: dict[str, dict[str, Any]] = {}
     try:
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / SHARDS)
-        mine = sorted(p.name for p in (tmp / SHARDS).glob(f"__{rank}_*.distcp"))  # DCP's per-rank file names
-        files = _own_files(tmp / SHARDS, mine + ([".metadata"] if accelerator.is_main_process else []))
+        if layout == sharding.SHARDED:
+            model_state, optim_state = get_state_dict(model, stateful["optimizer"])  # this process's DTensors
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / SHARDS)
+            mine = sorted(p.name for p in (tmp / SHARDS).glob(f"__{rank}_*.distcp"))  # DCP's per-rank names
+            files = _own_files(tmp / SHARDS, mine + ([".metadata"] if accelerator.is_main_process else []))
+        else:
+            # DeepSpeed: every process writes its ZeRO partitions of weights (ZeRO-3) and optimiser state;
+            # the engine ends with a barrier, so the main process then checksums every file it wrote
+            model.save_checkpoint(tmp / SHARDS, tag=ENGINE_TAG, save_latest=False)
+            if accelerator.is_main_process:
+                files = _own_files(tmp / SHARDS, sorted(str(p.relative_to(tmp / SHARDS))
+                                                         for p in (tmp / SHARDS).rglob("*") if p.is_file()))
     except Exception as err:  # noqa: BLE001  DCP raises on every process when one fails to write
         error = f"could not write the shards of {final}: {err}"
     if _any_failed(accelerator, error):
@@ -541,17 +560,18 @@ def _save_sharded(accelerator: Accelerator, run_dir: Path, step: int, model: tor
                  "rng": rng, "extra": extra or {}}
         trainer_state = {"format": FORMAT, "step": step, "world_size": accelerator.num_processes,
                          "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-                         "sharding": sharding.SHARDED}
+                         "sharding": layout}
         try:
             _write_file(tmp / "state.pt", lambda p: torch.save(state, p))
             _write_file(tmp / "trainer_state.json", lambda p: p.write_text(json.dumps(trainer_state, indent=2)))
             _write_file(tmp / "config.yaml", lambda p: config.save(cfg, p))
             rest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                     for name in ("state.pt", "trainer_state.json", "config.yaml")}
-            manifest = {"format": FORMAT, "step": step, "sharding": sharding.SHARDED,
+            manifest = {"format": FORMAT, "step": step, "sharding": layout,
                         "files": {**shard_files, **rest}}
             _write_file(tmp / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2)))
-            _fsync_dir(tmp / SHARDS)
+            for folder in {(tmp / name).parent for name in shard_files}:
+                _fsync_dir(folder)
             _fsync_dir(tmp)
             _move_into_place(tmp, final)
         except OSError as err:
@@ -592,13 +612,16 @@ def _load_sharded(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, 
     state, trainer_state, changes = _read_state(ckpt, cfg, accelerator.num_processes)
     world = accelerator.num_processes
     optimizer = stateful["optimizer"]
-    model_state, optim_state = get_state_dict(model, optimizer)  # templates: the shards this process holds
-    try:
-        dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=ckpt / SHARDS)
-    except Exception as err:  # noqa: BLE001  DCP wraps every process's failure in one CheckpointException
-        raise CheckpointError(f"{ckpt / SHARDS} could not be loaded into this model: "
-                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    if zero.layout(model):
+        _load_engine(ckpt, model, trainer_state["world_size"], world)
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)  # templates: this process's shards
+        try:
+            dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=ckpt / SHARDS)
+        except Exception as err:  # noqa: BLE001  DCP wraps every process's failure in one CheckpointException
+            raise CheckpointError(f"{ckpt / SHARDS} could not be loaded into this model: "
+                                  f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     for name, obj in stateful.items():
         if name == "optimizer":
             continue
@@ -612,3 +635,22 @@ def _load_sharded(accelerator: Accelerator, ckpt: Path, model: torch.nn.Module, 
                     ckpt, trainer_state["world_size"], world)
     set_rng_state(state["rng"][accelerator.process_index % len(state["rng"])])
     return int(trainer_state["step"]), state["extra"], changes
+
+
+def _load_engine(ckpt: Path, engine: torch.nn.Module, written_by: int, world: int) -> None:
+    """A DeepSpeed checkpoint into the prepared engine: weights and ZeRO optimiser partitions. ZeRO's
+    partitions are cut per process, so only the process count that wrote them reads them back."""
+    if written_by != world:
+        raise CheckpointError(
+            f"{ckpt} holds DeepSpeed ZeRO partitions written by {written_by} process(es); this run has {world}. "
+            f"Resume it on {written_by} processes, or start a new run from its weights: "
+            f"`python {ckpt / SHARDS / 'zero_to_fp32.py'} {ckpt / SHARDS} OUT --tag {ENGINE_TAG} "
+            "--safe_serialization` writes them in fp32 to OUT; add the run's final/ config and tokenizer "
+            "files and set model.path=OUT (the optimiser state starts afresh)")
+    try:
+        path, _ = engine.load_checkpoint(ckpt / SHARDS, tag=ENGINE_TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False, load_module_strict=True)
+    except Exception as err:  # noqa: BLE001  the engine's own errors name no checkpoint
+        raise CheckpointError(f"{ckpt / SHARDS} could not be loaded into this model: {err}") from None
+    if path is None:
+        raise CheckpointError(f"{ckpt / SHARDS / ENGINE_TAG} holds no DeepSpeed checkpoint")

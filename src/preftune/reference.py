@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from preftune import data, sharding
+from preftune import data, sharding, zero
 from preftune.config import Config, ConfigError, PerfConfig
 from preftune.data import Batch, TokenizedPair
 from preftune.logps import SequenceLogps, batch_logps
@@ -244,6 +245,8 @@ def place_frozen(model: torch.nn.Module, cfg: Config, accelerator: Accelerator) 
     optimiser state), otherwise on the device in Accelerate's evaluation mode (no DDP wrapper)."""
     if sharding.enabled(cfg):
         return sharding.shard(model, cfg, accelerator.device)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # ZeRO-3: partitioned like the policy
+        return zero.place_frozen(model, accelerator)
     return accelerator.prepare_model(model, evaluation_mode=True)
 
 

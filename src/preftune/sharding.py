@@ -78,23 +78,17 @@ def as_float(value: torch.Tensor | float) -> float:
 
 
 def check_engine(cfg: Config, accelerator) -> None:
-    """Stop before any work when the launcher asked Accelerate for its own sharding engine. preftune shards
+    """Stop before any work when the launcher asked Accelerate for its own FSDP engine. preftune shards
     with parallel.sharding=fsdp2 and needs Accelerate to start plain processes (configs/accelerate/fsdp.yaml
-    does). Accelerate's FSDP engine would run without sharded checkpoints; DeepSpeed's steps the optimiser
-    inside backward (so preftune's accumulation, non-finite-step skip and schedule would not hold) and has
-    no checkpoint here either: both are refused rather than run subtly wrong (docs/distributed.md)."""
+    does); Accelerate's FSDP engine would run without sharded checkpoints. (A DeepSpeed launch takes the
+    ZeRO path instead: zero.py, docs/distributed.md.)"""
     from accelerate.utils import DistributedType
 
-    engine = accelerator.distributed_type
-    if engine == DistributedType.FSDP:
+    if accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError("the Accelerate config asks for distributed_type FSDP; preftune shards with its own "
                          "FSDP2 path: launch with configs/accelerate/fsdp.yaml (distributed_type MULTI_GPU) and "
-                         "set parallel.sharding=fsdp2 in the training config (docs/distributed.md)")
-    if engine == DistributedType.DEEPSPEED:
-        raise ValueError("the Accelerate config asks for distributed_type DEEPSPEED, which preftune's loop does "
-                         "not run (DeepSpeed steps the optimiser inside backward, and its runs could not be "
-                         "checkpointed); for ZeRO-3-style sharding launch with configs/accelerate/fsdp.yaml and "
-                         f"parallel.sharding=fsdp2 (now {cfg.parallel.sharding!r}); docs/distributed.md")
+                         f"set parallel.sharding=fsdp2 in the training config (now {cfg.parallel.sharding!r}; "
+                         "docs/distributed.md)")
 
 
 _OWN_GROUP = []  # the one-process group ensure_process_group started, released at the end of the run

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sharding, sinks
+from preftune import allocator, checkpoint, data, guard, heldout, lora, sft, sharding, sinks, zero
 from preftune import perf as perf_paths
 from preftune.config import Config, OptimConfig, PerfConfig
 from preftune.data import Batch
@@ -231,10 +231,17 @@ def _train(cfg: Config, progress: _Progress) -> Path:
     # Accelerate only runs several CPU processes (gloo) when told the run is on CPU
     cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     sharded = sharding.enabled(cfg)
+    # a DeepSpeed launch (accelerate launch with a DEEPSPEED config): ZeRO-2/3 engine, its config filled from
+    # cfg (zero.accelerator_kwargs; refuses what it can not run, before any work)
+    deepspeed = zero.launched()
+    engine_kwargs = zero.accelerator_kwargs(cfg) if deepspeed else {"cpu": cpu_only}
     # sharded, bf16 is FSDP2's mixed-precision policy (sharding.shard), not Accelerate's autocast
-    accelerator = Accelerator(mixed_precision="no" if sharded else cfg.train.mixed_precision, cpu=cpu_only)
+    accelerator = Accelerator(mixed_precision="no" if sharded else cfg.train.mixed_precision, **engine_kwargs)
     progress.main_process = accelerator.is_main_process
-    sharding.check_engine(cfg, accelerator)  # before any work: Accelerate's own FSDP/DeepSpeed plugins
+    if deepspeed:
+        zero.build_models_whole()
+    else:
+        sharding.check_engine(cfg, accelerator)  # before any work: Accelerate's own FSDP/DeepSpeed plugins
     set_seed(cfg.train.seed)
     sinks.check_available(cfg)  # on every rank, before anything is written: a missing package stops all of them
     run_dir, resume_from = checkpoint.prepare_run_dir(cfg, accelerator)
@@ -286,7 +293,7 @@ def _train(cfg: Config, progress: _Progress) -> Path:
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optim,
                                 fused=perf.fused_adamw)
     schedule = Schedule(cfg.optim, total_steps)  # sets each step's lr; a resume may re-plan it
-    if not sharded:  # FSDP2 reduces gradients itself: no DDP wrapper around it
+    if not sharded:  # FSDP2 reduces gradients itself: no DDP wrapper around it; DeepSpeed: its engine
         policy, optimizer = accelerator.prepare(policy, optimizer)
     # precomputed: one no-grad pass (or the cache) now, and no reference model from here on. Before any
     # resume loads trained weights: the reference is always the starting model, never a checkpoint
@@ -355,7 +362,7 @@ def _train(cfg: Config, progress: _Progress) -> Path:
             last = i == len(micro_batches) - 1
             # skip the gradient all-reduce on all but the last micro-batch of the step; FSDP2 reduce-scatters
             # every micro-batch, since skipping it would keep each layer's full unsharded gradient
-            sync = contextlib.nullcontext() if last or sharded else accelerator.no_sync(policy)
+            sync = contextlib.nullcontext() if last or sharded or deepspeed else accelerator.no_sync(policy)
             with sync:
                 batch_items = [pairs[j] for j in local]
                 if sft_stage:
@@ -368,7 +375,19 @@ def _train(cfg: Config, progress: _Progress) -> Path:
                                                            pad_id, accelerator.device)
                 # DDP averages gradients over processes, hence x world: the step's gradient is that of
                 # the mean loss over every pair of the step, whatever the batch/accumulation/process split
-                accelerator.backward(losses.sum() * world / step_pairs)
+                step_loss = losses.sum() * world / step_pairs
+                if deepspeed:  # the engine reduces (ZeRO: into partitions) and accumulates; no step here
+                    policy.set_gradient_accumulation_boundary(last)
+                    # the whole step's loss, summed over processes, is known once the last forward ran:
+                    # if it is not finite, poison the gradient so the engine's own non-finite-norm check
+                    # skips the step and clears what earlier micro-batches accumulated (the plain skip)
+                    if last and not torch.isfinite(accelerator.reduce(
+                            (sum(step_losses.sum() for _, step_losses in records) + losses.detach().sum()).reshape(1),
+                            reduction="sum")).all():
+                        step_loss = step_loss * float("nan")
+                    policy.backward(step_loss)
+                else:
+                    accelerator.backward(step_loss)
             records.append((batch.sources, losses.detach()))
             metrics.add(values, batch.num_tokens)
 
@@ -376,13 +395,20 @@ def _train(cfg: Config, progress: _Progress) -> Path:
         # schedule and the data on, so the run stays a function of the step counter) ---
         metrics.reduce(accelerator)  # before the check: every process sees the same loss
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-        grad_norm = sharding.as_float(accelerator.clip_grad_norm_(policy.parameters(), max_norm))
         lr = schedule.lr(step)  # the rate this step uses
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if nonfinite.check(accelerator, step + 1, metrics.sum("loss"), float(grad_norm), records):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if deepspeed:
+            # clip (gradient_clipping = optim.max_grad_norm), step and zero grads in one call; DeepSpeed skips
+            # the step itself when the global norm is not finite (inf is then what it reports)
+            policy.step()
+            grad_norm = float(policy.get_global_grad_norm())
+            nonfinite.check(accelerator, step + 1, metrics.sum("loss"), grad_norm, records)
+        else:
+            grad_norm = sharding.as_float(accelerator.clip_grad_norm_(policy.parameters(), max_norm))
+            if nonfinite.check(accelerator, step + 1, metrics.sum("loss"), float(grad_norm), records):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         progress.steps = step + 1  # from here on a failure keeps the run directory
         if cfg.loss.ref_sync != "none" and (step + 1) % cfg.loss.ref_sync_every == 0:
             alpha = 1.0 if cfg.loss.ref_sync == "hard" else cfg.loss.ref_sync_alpha
