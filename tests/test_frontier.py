@@ -144,3 +144,13 @@ def test_frontier_end_to_end_and_resume(tmp_path, monkeypatch, tiny_model_dir):
     assert calls == [1.0]  # only the unfinished DPO point ran iterate again
     assert (tmp_path / "f" / "reference" / "done.json").stat().st_mtime_ns == reference_mtime
     assert [r["reward"] for r in again["points"]] == [r["reward"] for r in results["points"]]
+
+
+def test_cli_frontier_refuses_before_work(tmp_path, capsys):
+    from preftune.demo import main
+
+    out = tmp_path / "f"
+    assert main(["--frontier", "--bon", "2,4,32", "--out", str(out), "--no-progress"]) == 2
+    said = capsys.readouterr().out
+    assert "best-of-32 needs 32 reference samples per prompt" in said and "estimated sweep now" in said
+    assert not out.exists()
