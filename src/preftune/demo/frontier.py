@@ -122,13 +122,13 @@ def best_of_n(rewards: np.ndarray, n: int) -> np.ndarray:
 
 def point_row(method: str, label: str, param: float, samples: evaluate.Samples, rewards: np.ndarray,
               reference_logps: np.ndarray, kl: np.ndarray | float, reference_rewards: np.ndarray,
-              seed: int) -> dict:
+              seed: int, quality: evaluate.Quality | None = None) -> dict:
     """One row of the table: reward, paired gain and win rate against the reference's per-prompt mean reward,
     KL (per-sample estimates, or one analytic value), and the quality measures, all on the held-out prompts.
     rewards, reference_logps, kl: per sample (N,); reference_rewards: per prompt (P,)."""
     n = samples.n_per_prompt
     pol = evaluate.per_prompt_mean(rewards, n)  # (P,)
-    quality = evaluate.quality(samples, reference_logps)
+    quality = quality or evaluate.quality(samples, reference_logps)
     ci = {"seed": seed}
     if isinstance(kl, float):
         kl_ci, kl_kind = (kl, kl, kl), "analytic bound log N - (N-1)/N"
@@ -228,8 +228,11 @@ def run_frontier(s: Settings, sweep: Sweep = Sweep(), progress: bool = True, *, 
     rewards = np.asarray(drawn["rewards"]).reshape(-1, k)  # (P, K)
     ref_logps = np.asarray(drawn["reference_logps"]).reshape(-1, k)
     reference_rewards = rewards.mean(axis=1)  # (P,) the reference's expected reward, K samples per prompt
+    # its quality from one sample per prompt, as every other row's: distinct-2 falls as a corpus grows, so
+    # 16 samples per prompt would read less diverse than the same model's 1
+    first = evaluate.Samples(eval_prompts, 1, [], drawn["completion_ids"][::k], drawn["completions"][::k])
     rows.append(point_row("reference", "reference", 0.0, all_samples, rewards.ravel(), ref_logps.ravel(), 0.0,
-                          reference_rewards, s.seed))
+                          reference_rewards, s.seed, quality=evaluate.quality(first, ref_logps[:, 0])))
     shown["reference"] = drawn["completions"][::k]
     shown_rewards["reference"] = rewards[:, 0].tolist()
     for n in sweep.bon:
