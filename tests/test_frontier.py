@@ -120,9 +120,12 @@ def test_frontier_end_to_end_and_resume(tmp_path, monkeypatch, tiny_model_dir):
     texts = [eval_prompts[i // 4] + c for i, c in enumerate(saved["completions"])]
     np.testing.assert_allclose(saved["rewards"], byte_reward(texts))
     assert rows["reference"]["reward"][0] == pytest.approx(np.mean(byte_reward(texts)))
-    # its distinct-2 is of one sample per prompt, like every other row's (best-of-1 is exactly that sample)
-    assert rows["reference"]["distinct_2"] == rows["best-of-1"]["distinct_2"]
-    assert rows["reference"]["distinct_2"] == evaluate.distinct_n(saved["completions"][::4], 2)
+    # its quality is of one sample per prompt, like every other row's (best-of-1 is exactly that sample)
+    for key in ("reference_nll", "distinct_2", "tokens"):
+        assert rows["reference"][key] == rows["best-of-1"][key]
+    first = np.asarray(saved["reference_logps"])[::4]
+    assert rows["reference"]["reference_nll"] == pytest.approx(
+        -first.sum() / sum(len(ids) for ids in saved["completion_ids"][::4]))
     # the second beta reused the first's round-1 samples: the same texts, trained with another beta
     first = json.loads((tmp_path / "f" / "dpo-beta0.1" / "iterate" / "round-1" / "samples.json").read_text())
     second = json.loads((tmp_path / "f" / "dpo-beta1" / "iterate" / "round-1" / "samples.json").read_text())
