@@ -1,6 +1,6 @@
 """`preftune demo`: the DPO paper's controlled-sentiment experiment, small, offline, on CPU.
 
-    preftune demo            # ~10 min on 2 cores: 3 rounds of sample -> pair -> DPO, 128 held-out prompts
+    preftune demo            # ~5 min on 2 cores: 2 rounds of sample -> pair -> DPO (beta 1), 128 held-out prompts
     preftune demo --sft      # the same after a short SFT stage on IMDB text (off by default: it did not help)
     preftune demo --quick    # ~3 min: 1 round of 20 steps, 128 held-out prompts
     preftune demo --frontier # reward vs KL: DPO at 4 betas, Preferred-FT, best-of-N, the reference (<= 30 min)

@@ -53,20 +53,21 @@ class Settings:
     """Peak learning rate of the SFT stage (AdamW, 4 warm-up steps, then constant)."""
     classifier_reviews: int = 10_000
     """IMDB reviews the reward classifier trains on (plus 2,000 held out to report its accuracy)."""
-    rounds: int = 3
+    rounds: int = 2
     """Sample -> pair -> train rounds; each round samples the policy the previous one produced."""
     prompts_per_round: int = 32
     """Fresh training prompts per round (never reused, never evaluation prompts)."""
     samples_per_prompt: int = 8
     """Completions sampled per training prompt (the paper: 4)."""
-    pairs_per_prompt: int = 6
+    pairs_per_prompt: int = 5
     """Pairs kept per prompt, widest reward gap first (the paper: all 6 of 4 samples)."""
     max_new_tokens: int = 24
     """Length limit of every sampled completion, in tokens."""
     temperature: float = 1.0
     """Sampling temperature for pairs and evaluation (1.0: the model's own distribution)."""
-    beta: float = 0.1
-    """DPO beta (the paper: 0.1)."""
+    beta: float = 1.0
+    """DPO beta (the paper: 0.1; 1.0 kept the KL lowest for the most reward in `preftune demo --frontier`,
+    docs/demo.md)."""
     lr: float = 5e-5
     """Peak learning rate (AdamW, full fine-tuning)."""
     warmup_steps: int = 4
@@ -89,7 +90,7 @@ class Settings:
 # of each (160 pairs, 20 steps), the full lr, evaluated on the full run's 128 held-out prompts. One round moves
 # the reward less than three (+0.046 against +0.31; docs/demo.md has the settings tried and their numbers)
 QUICK = Settings(out="runs/demo-quick", classifier_reviews=10_000, rounds=1, prompts_per_round=32,
-                 samples_per_prompt=8, pairs_per_prompt=5, lr=5e-5, warmup_steps=4, eval_prompts=128,
+                 samples_per_prompt=8, pairs_per_prompt=5, beta=0.1, lr=5e-5, warmup_steps=4, eval_prompts=128,
                  curve_samples=0)
 FULL = Settings()
 
