@@ -219,8 +219,11 @@ def test_sentiment_judge_scores_with_the_demos_cached_classifier(tmp_path, monke
     vocabulary = {"great": 0, "awful": 1}
     SentimentClassifier(vocabulary, np.ones(2), np.array([4.0, -4.0]), 0.0, 0.9, 10, 10).save(tmp_path / "clf")
     judge = judges.build(JudgeConfig(name="sentiment", path=str(tmp_path / "clf")))
-    low, mid, high = judge.score(["p"] * 3, ["awful film", "a film", "great film"])
+    low, mid, high = judge.score(["A review:"] * 3, [" awful film", " a film", " great film"])
     assert low < mid < high and mid == pytest.approx(0.5)
+    # the review as a whole is scored: a positive prefix and a negative continuation cancel out exactly
+    assert judge.score(["great"], [" awful"])[0] == pytest.approx(0.5)
+    assert judge.score(["great"], [" film"])[0] == pytest.approx(high)
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "empty"))
     with pytest.raises(judges.JudgeError, match="run `preftune demo` once"):
         judges.build(JudgeConfig(name="sentiment"))

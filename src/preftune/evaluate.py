@@ -189,3 +189,32 @@ def compare(reference_rewards: np.ndarray, policy_rewards: np.ndarray, kl_per_sa
         reference_reward=bootstrap_ci(ref_p, **ci), policy_reward=bootstrap_ci(pol_p, **ci),
         reward_gain=bootstrap_ci(pol_p - ref_p, **ci), win_rate=win_rate(pol_p, ref_p, **ci),
         kl=bootstrap_ci(kl_p, **ci), num_prompts=len(ref_p), n_per_prompt=n_per_prompt)
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct-n (Li et al. 2016): unique word n-grams over all n-grams of all `texts` together; 1.0 when no
+    n-gram repeats, lower when a model says the same things over and over. 0.0 when there is no n-gram at all."""
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@dataclass
+class Quality:
+    """How a model's held-out samples read, beside their reward: what reward hacking shows up in."""
+
+    reference_nll: float  # the reference's mean NLL per completion token, nats: off-topic or broken text is high
+    distinct_2: float  # diversity of the completions (distinct_n)
+    tokens: float  # mean completion length, tokens
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def quality(samples: Samples, reference_logps: Sequence[float] | np.ndarray) -> Quality:
+    """`reference_logps`: log pi_ref(y|x) of each sample (completion_logps of the reference), (N,)."""
+    lengths = np.array([len(ids) for ids in samples.completion_ids], dtype=np.float64)  # (N,)
+    logps = np.asarray(reference_logps, dtype=np.float64)
+    if logps.shape != lengths.shape:
+        raise ValueError(f"{logps.shape} reference log-probs for {len(lengths)} samples")
+    return Quality(reference_nll=float(-logps.sum() / max(lengths.sum(), 1.0)),
+                   distinct_2=distinct_n(samples.completions, 2), tokens=float(lengths.mean()))

@@ -31,7 +31,7 @@ import torch
 from preftune import config, evaluate
 from preftune.demo import assets, pairs, prompts, report
 from preftune.judges import register_reward
-from preftune.judges.sentiment import SentimentClassifier, load_or_train
+from preftune.judges.sentiment import SentimentClassifier, load_or_train, review_texts
 from preftune.online import iterate
 
 
@@ -53,20 +53,21 @@ class Settings:
     """Peak learning rate of the SFT stage (AdamW, 4 warm-up steps, then constant)."""
     classifier_reviews: int = 10_000
     """IMDB reviews the reward classifier trains on (plus 2,000 held out to report its accuracy)."""
-    rounds: int = 3
+    rounds: int = 2
     """Sample -> pair -> train rounds; each round samples the policy the previous one produced."""
     prompts_per_round: int = 32
     """Fresh training prompts per round (never reused, never evaluation prompts)."""
     samples_per_prompt: int = 8
     """Completions sampled per training prompt (the paper: 4)."""
-    pairs_per_prompt: int = 6
+    pairs_per_prompt: int = 5
     """Pairs kept per prompt, widest reward gap first (the paper: all 6 of 4 samples)."""
     max_new_tokens: int = 24
     """Length limit of every sampled completion, in tokens."""
     temperature: float = 1.0
     """Sampling temperature for pairs and evaluation (1.0: the model's own distribution)."""
-    beta: float = 0.1
-    """DPO beta (the paper: 0.1)."""
+    beta: float = 1.0
+    """DPO beta (the paper: 0.1; 1.0 kept the KL lowest for the most reward in `preftune demo --frontier`,
+    docs/demo.md)."""
     lr: float = 5e-5
     """Peak learning rate (AdamW, full fine-tuning)."""
     warmup_steps: int = 4
@@ -89,7 +90,7 @@ class Settings:
 # of each (160 pairs, 20 steps), the full lr, evaluated on the full run's 128 held-out prompts. One round moves
 # the reward less than three (+0.046 against +0.31; docs/demo.md has the settings tried and their numbers)
 QUICK = Settings(out="runs/demo-quick", classifier_reviews=10_000, rounds=1, prompts_per_round=32,
-                 samples_per_prompt=8, pairs_per_prompt=5, lr=5e-5, warmup_steps=4, eval_prompts=128,
+                 samples_per_prompt=8, pairs_per_prompt=5, beta=0.1, lr=5e-5, warmup_steps=4, eval_prompts=128,
                  curve_samples=0)
 FULL = Settings()
 
@@ -191,7 +192,11 @@ def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
         [r.label for r in split.classifier_train], [r.text for r in split.classifier_test],
         [r.label for r in split.classifier_test])
     print(f"reward classifier: {classifier.accuracy:.1%} held-out accuracy ({classifier.num_test} reviews)")
-    score = reward or classifier.prob_positive
+    classify = reward or classifier.prob_positive
+
+    def score(samples: evaluate.Samples) -> np.ndarray:  # (N,) the whole review: prefix + completion
+        return classify(review_texts([samples.prompts[samples.prompt_of(i)] for i in range(len(samples))],
+                                     samples.completions))
     train_prompts = prompts.make_prompts(split.train_prompts, seed=s.seed)
     eval_prompts = prompts.make_prompts(split.eval_prompts, seed=s.seed + 1)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -219,14 +224,15 @@ def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
     clock.phase(f"reference samples on {len(eval_prompts)} held-out prompts")
     ref_eval = evaluate.sample(reference, tokenizer, eval_prompts, n_per_prompt=s.eval_samples,
                                seed=s.seed + 10_000, desc="reference", **sampling)
-    ref_eval_rewards = score(ref_eval.completions)
+    ref_eval_rewards = score(ref_eval)
     print(f"reference mean reward {ref_eval_rewards.mean():.3f}")
     if s.sft:  # the original model on the same prompts and seed: what a run without SFT starts from
         original = load_lm(base_dir)
         orig_eval = evaluate.sample(original, tokenizer, eval_prompts, n_per_prompt=s.eval_samples,
                                     seed=s.seed + 10_000, desc="original", **sampling)
-        orig_eval_rewards = score(orig_eval.completions)
+        orig_eval_rewards = score(orig_eval)
         print(f"original model mean reward {orig_eval_rewards.mean():.3f}")
+    ref_quality = evaluate.quality(ref_eval, evaluate.completion_logps(reference, ref_eval, pad_id=pad_id))
     del reference  # iterate loads the models it needs
 
     # --- rounds: `preftune iterate` with the demo's settings (sample, score, pair, train; then evaluate) ---
@@ -235,7 +241,7 @@ def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
     judge_name = "sentiment"
     if reward is not None:  # tests: a reward of their own in place of the classifier
         judge_name = "demo-reward"
-        register_reward(judge_name, lambda prompts, completions: reward(completions))
+        register_reward(judge_name, lambda prompts, completions: reward(review_texts(prompts, completions)))
     iterate_dir = out / "iterate"
     shutil.rmtree(iterate_dir, ignore_errors=True)  # the demo's outputs are replaced on each run
     cfg = config.from_dict(iterate_config(s, reference_dir, base_dir, out, classifier_dir, progress,
@@ -267,6 +273,9 @@ def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
     pol_eval_rewards = np.array([e["score"] for e in evaluated["samples"]])
     kl_per_sample = np.array([e["kl"] for e in evaluated["samples"]])
     cmp = evaluate.compare(ref_eval_rewards, pol_eval_rewards, kl_per_sample, s.eval_samples, seed=s.seed)
+    # the policy's samples read by the reference: log pi_ref(y|x) = log pi(y|x) - the KL term
+    pol_quality = evaluate.quality(pol_eval, evaluate.completion_logps(load_lm(reference_dir), pol_eval,
+                                                                       pad_id=pad_id))
     vs_original = cmp  # without SFT the reference is the original model
     if s.sft:
         kl_original = evaluate.sequence_kl(load_lm(policy_dir), original, pol_eval, pad_id=pad_id)
@@ -293,12 +302,14 @@ def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
                                    [ref_eval_rewards[i] for i in first], [pol_eval.completions[i] for i in first],
                                    [pol_eval_rewards[i] for i in first], limit=20)
     (out / "samples.md").write_text("# Held-out prompts: reference vs DPO policy\n\n" + table_md)
-    table = report.results_table(cmp, classifier.accuracy)
+    table = report.results_table(cmp, classifier.accuracy, quality=(ref_quality, pol_quality))
     if s.sft:
         table += "\n\n" + report.results_table(vs_original, None, reference_name="original model")
     timing = clock.summary()
     results = {
         "evaluation": cmp.as_dict(), "evaluation_vs_original": vs_original.as_dict(),
+        "quality": {"reference": ref_quality.as_dict(), "policy": pol_quality.as_dict(),
+                    "kl_per_token": cmp.kl[0] / max(pol_quality.tokens, 1e-9)},
         "reference": str(reference_dir), "classifier_accuracy": classifier.accuracy,
         "classifier_reviews": {"train": classifier.num_train, "test": classifier.num_test},
         "training_curve": curve, "steps": total_steps, "settings": settings_dict(s), "timing": timing,

@@ -71,11 +71,11 @@ class RewardJudge:
 
 class SentimentJudge(RewardJudge):
     """The sentiment classifier `preftune demo` trains (TF-IDF + logistic regression, cached as plain arrays):
-    P(positive) of the completion alone. `path` is a classifier directory; empty = the one cached most
-    recently."""
+    P(positive) of the review as a whole, prompt + completion (`sentiment.review_texts`). `path` is a classifier
+    directory; empty = the one cached most recently."""
 
     def __init__(self, path: str = ""):
-        from preftune.judges.sentiment import SentimentClassifier, cache_dir, latest_classifier
+        from preftune.judges.sentiment import SentimentClassifier, cache_dir, latest_classifier, review_texts
 
         if not path:
             latest = latest_classifier()
@@ -86,7 +86,8 @@ class SentimentJudge(RewardJudge):
         if not (Path(path) / "classifier.json").is_file():
             raise JudgeError(f"judge.path={path!r} holds no sentiment classifier (classifier.json)")
         classifier = SentimentClassifier.load(Path(path))
-        super().__init__(f"sentiment:{path}", lambda prompts, completions: classifier.prob_positive(completions))
+        super().__init__(f"sentiment:{path}",
+                         lambda prompts, completions: classifier.prob_positive(review_texts(prompts, completions)))
 
 
 class RewardModelJudge(RewardJudge):

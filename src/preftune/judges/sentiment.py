@@ -18,6 +18,17 @@ from pathlib import Path
 import numpy as np
 
 
+def review_texts(prompts: Sequence[str], completions: Sequence[str]) -> list[str]:
+    """The review as a whole, prefix + continuation, as the DPO paper's classifier reads it (section 6.1).
+
+    Scoring the continuation alone rewards cheerful text unrelated to the review it continues; with the prefix
+    in the text a continuation must agree with (or outweigh) what the reviewer already wrote. The two are
+    joined as generated: the completion's tokens follow the prompt's, so its text starts with its own space."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+    return [p + c for p, c in zip(prompts, completions, strict=True)]
+
+
 def cache_dir() -> Path:
     """preftune's user cache: `PREFTUNE_CACHE`, else `$XDG_CACHE_HOME/preftune`, else `~/.cache/preftune`."""
     if os.environ.get("PREFTUNE_CACHE"):
