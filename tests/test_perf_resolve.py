@@ -84,3 +84,13 @@ def test_logit_transforming_models_keep_the_plain_lm_head_when_automatic():
     resolved, reasons = perf.resolve(PerfConfig(), DPO, _model(final_logit_softcapping=30.0), CPU, step_tokens=64)
     assert resolved.logps_chunk == 0 and not resolved.prefix_sharing and not resolved.packing
     assert any("final_logit_softcapping" in r for r in reasons)
+
+
+def test_zero3_keeps_the_automatic_lm_head_unchunked_and_a_forced_chunk_stays_forced():
+    # under ZeRO-3 the chunked head would multiply by this process's 1/N partition of the head's weight
+    zero3 = perf.Needs("dpo", partitioned_head=True)
+    resolved, reasons = perf.resolve(PerfConfig(), zero3, _model(), CPU, step_tokens=4096)
+    assert resolved.logps_chunk == 0 and resolved.prefix_sharing
+    assert any("ZeRO-3 partitions the head" in r for r in reasons)
+    # zero.refuse_unsupported stops a forced chunk before any work; resolve itself leaves a forced value alone
+    assert perf.resolve(PerfConfig(logps_chunk=512), zero3, _model(), CPU, step_tokens=4096)[0].logps_chunk == 512

@@ -32,6 +32,7 @@ class Needs:
     loss: str  # the loss's name, for messages
     paired: bool = True  # chosen/rejected pairs (False: KTO's unpaired rows)
     sft: bool = False  # SFT examples: single sequences
+    partitioned_head: bool = False  # ZeRO-3: outside the model's forward a process holds 1/N of the LM head
     # per-token needs (LD-DPO, WPO) are not here: every path serves them (logps.batch_logps)
 
 
@@ -147,7 +148,11 @@ def resolve(perf: PerfConfig, needs: Needs, model_config, place: Machine, *, ste
                    f"{attn_implementation!r},", "set model.attn_implementation=sdpa or leave perf.packing unset")
         reasons.append(f"packing {'on' if packing else 'off'} (forced)")
 
-    if perf.logps_chunk is None:
+    if perf.logps_chunk is None and needs.partitioned_head:
+        # the chunked head multiplies by the head's weight outside forward, where ZeRO-3 has not gathered it
+        logps_chunk = 0
+        reasons.append("chunked LM head off: ZeRO-3 partitions the head's weight outside the model's forward")
+    elif perf.logps_chunk is None:
         logps_chunk = 0 if gap else CHUNK_TOKENS
         reasons.append(f"chunked LM head off: {gap}" if gap else f"chunked LM head ({CHUNK_TOKENS} tokens)")
     else:

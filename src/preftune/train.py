@@ -150,10 +150,11 @@ def check(cfg: Config) -> None:
 
 
 def resolve_perf(cfg: Config, loss_fn: BoundLoss, sft_stage: bool, policy: torch.nn.Module, items: list,
-                 device) -> tuple[PerfConfig, list[str]]:
+                 device, zero_stage: int = 0) -> tuple[PerfConfig, list[str]]:
     """perf.resolve for this run: the loss's needs, the policy's config, the device and its free memory, and
     the longest micro-batch the data can make (for the checkpointing policy)."""
-    needs = perf_paths.Needs(cfg.loss.name, paired=not loss_fn.unpaired, sft=sft_stage)
+    needs = perf_paths.Needs(cfg.loss.name, paired=not loss_fn.unpaired, sft=sft_stage,
+                             partitioned_head=zero_stage == 3)
     rows_per_item = 1 if sft_stage or loss_fn.unpaired else 2  # chosen and rejected rows of a pair
     longest = max((p.length for p in items), default=cfg.data.max_length)
     step_tokens = rows_per_item * cfg.train.batch_size * longest  # padded rows: an upper bound for any layout
@@ -275,7 +276,8 @@ def _train(cfg: Config, progress: _Progress) -> Path:
     # the perf paths this run takes: the user's forced switches, the rest chosen for this loss, model and
     # device; `run_cfg` carries them to everything that reads perf (reference pass, layouts, optimiser), while
     # `cfg` stays as written (checkpoints and resume compare the user's settings)
-    perf, reasons = resolve_perf(cfg, loss_fn, sft_stage, policy, pairs, accelerator.device)
+    zero_stage = int(accelerator.state.deepspeed_plugin.zero_stage) if deepspeed else 0
+    perf, reasons = resolve_perf(cfg, loss_fn, sft_stage, policy, pairs, accelerator.device, zero_stage)
     run_cfg = dataclasses.replace(cfg, perf=perf)
     say(perf_paths.summary(perf, reasons))
     if perf.mmap_threshold_kb and not allocator.set_mmap_threshold(perf.mmap_threshold_kb):

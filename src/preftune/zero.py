@@ -47,15 +47,15 @@ def refuse_unsupported(cfg: Config, stage: int) -> None:
             cfg.train.mixed_precision == "fp16",
             "DeepSpeed's fp16 loss scaler skips steps on its own, which preftune's non-finite-step guard would "
             "count as bad steps; use bf16"),
-        "perf.compile=true": (cfg.perf.compile, "compiling under DeepSpeed's hooks is untested here"),
+        "perf.compile=true": (bool(cfg.perf.compile), "compiling under DeepSpeed's hooks is untested here"),
         f"loss.ref_sync={cfg.loss.ref_sync!r}": (cfg.loss.ref_sync != "none",
                                                  "TR-DPO's reference update is not run under DeepSpeed"),
         f"train.eval_every={cfg.train.eval_every} and eval.prompts={cfg.eval.prompts}": (
             cfg.train.eval_every > 0 and cfg.eval.prompts > 0,
             "in-training sampling is not run under DeepSpeed; set eval.prompts=0, and sample from the export "
             "with `preftune eval`"),
-        f"perf.logps_chunk={cfg.perf.logps_chunk}": (
-            stage == 3 and cfg.perf.logps_chunk > 0,
+        f"perf.logps_chunk={cfg.perf.logps_chunk}": (  # None: automatic, which perf.resolve turns off here
+            stage == 3 and (cfg.perf.logps_chunk or 0) > 0,
             "the chunked LM head runs outside the model's forward, where ZeRO-3 holds only this process's "
             "partition of the head's weight; set perf.logps_chunk=0"),
         "lora.enabled=true": (cfg.lora.enabled, "LoRA under DeepSpeed is not tested here; use FSDP2 "
