@@ -24,6 +24,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,11 +39,19 @@ from preftune.config import ConfigError
 from preftune.train import train
 
 from .conftest import REPO, read_metrics, tiny_config
-from .test_distributed import free_port
 from .test_resume import DROPOUT, assert_same_run, rows_written
 from .test_sharded import assert_weights_close, close_runs, kill_tree
 
 STEPS = 6
+
+
+def free_port() -> int:
+    """A port free now, for Accelerate's --main_process_port. torchrun's tests use --standalone instead
+    (no gap between choosing and binding); accelerate launch with a DeepSpeed config takes a fixed port, so
+    a launch here can still lose this port to another process in that gap (the launch then fails)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch_files(tmp: Path, stage: int, processes: int) -> Path:
