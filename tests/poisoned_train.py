@@ -9,6 +9,5 @@ from preftune.cli import main
 from tests.test_nonfinite import poisoned
 
 how, bad, cfg_path = sys.argv[1:4]
-for name in ("batch_logps", "sequence_logps"):
-    setattr(train_module, name, poisoned(getattr(train_module, name), {bad}, how))
+train_module.batch_logps = poisoned(train_module.batch_logps, {bad}, how)  # the loop's one log-prob entry
 sys.exit(main(["train", cfg_path]))

@@ -33,15 +33,15 @@ class InfiniteGradient(torch.autograd.Function):
 
 def poison(monkeypatch, sources: set[str], how: str = "loss") -> None:
     """Make the policy's log-prob of every pair from `sources` NaN (or its gradient infinite), whichever of the
-    loop's two log-prob entry points (paired: batch_logps; unpaired: sequence_logps) computes it."""
-    for name in ("batch_logps", "sequence_logps"):
-        monkeypatch.setattr(train_module, name, poisoned(getattr(train_module, name), sources, how))
+    loop's one log-prob entry point (batch_logps, for pairs, unpaired rows and SFT alike) computes it."""
+    monkeypatch.setattr(train_module, "batch_logps", poisoned(train_module.batch_logps, sources, how))
 
 
 def poisoned(real, sources: set[str], how: str):
     def logps(model, batch, *args, **kwargs):
         out = real(model, batch, *args, **kwargs)
-        hit = torch.tensor([s in sources for s in batch.sources] * 2)  # chosen rows, then rejected rows
+        rows_per_source = out.logps.numel() // len(batch.sources)  # 2: chosen rows, then rejected rows
+        hit = torch.tensor([s in sources for s in batch.sources] * rows_per_source)
         if out.logps.requires_grad and hit.any():  # the policy's forward, not the reference's
             if how == "loss":
                 out.logps = torch.where(hit, torch.full_like(out.logps, math.nan), out.logps)

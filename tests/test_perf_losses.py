@@ -156,7 +156,7 @@ def test_unpaired_losses_on_the_fast_path_equal_the_plain_path(loss, mode, layou
 @pytest.mark.parametrize("layout", ["packed_rows", "chunked_only"])
 @pytest.mark.parametrize("with_lora", [False, True])
 def test_sft_on_the_fast_path_equals_the_plain_path(layout, with_lora):
-    examples = [data.TokenizedPair(p.prompt_ids, p.chosen_ids, [], p.source) for p in _pairs()]
+    examples = [data.TokenizedExample(p.prompt_ids, p.chosen_ids, p.source) for p in _pairs()]
 
     def forward(policy, reference, perf):
         return sft_forward(policy, examples, perf, PAD_ID, "cpu")
