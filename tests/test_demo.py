@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from preftune import config, data
 from preftune.config import DataConfig
@@ -166,16 +165,6 @@ def test_plots_and_table(tmp_path):
 
 # --- the whole pipeline on a tiny random model ---
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
 
 
 TINY = Settings(classifier_reviews=200, rounds=2, prompts_per_round=4, samples_per_prompt=4, pairs_per_prompt=3,

@@ -9,30 +9,14 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from preftune import evaluate
 from preftune.demo import frontier
 from preftune.demo.frontier import Sweep, SweepError, best_of_n, bon_kl, check, run_frontier
 from preftune.judges import SentimentJudge
 from preftune.judges.sentiment import review_texts, train_classifier
-from preftune.modeling import byte_tokenizer
 
 from .test_demo import BAD, GOOD, TINY, byte_reward, fake_reviews
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
-
 
 # --- pieces ---
 
