@@ -42,10 +42,13 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import vs_trl  # noqa: E402  the workload generator shared with the CPU benchmark
 
-vs_trl.SIZES.setdefault("0.9B", dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
+vs_trl.ARCHS.setdefault("0.9B", dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
                                      num_attention_heads=16, num_key_value_heads=16, vocab_size=32000))
-vs_trl.SIZES.setdefault("toy", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+vs_trl.ARCHS.setdefault("toy", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=4, vocab_size=1024))
+BATCH, MAX_LENGTH = 8, 512  # the CPU benchmark's standard workload (vs_trl.SIZES["6M"]), on these models
+for _arch in ("0.9B", "toy"):
+    vs_trl.SIZES.setdefault(_arch, vs_trl.Workload(_arch, (64, 128), (64, 192), MAX_LENGTH, 256, BATCH))
 H200_BF16_DENSE = 989e12  # NVIDIA's H200 SXM spec, dense bf16 tensor-core FLOP/s
 PERF = {"prefix_sharing": True, "logps_chunk": 1024, "gradient_checkpointing": 1, "fused_adamw": True}
 ARMS = ("trl", "preftune", "preftune_precomp")
@@ -64,7 +67,7 @@ def child_trl(args: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     records = [json.loads(line) for line in Path(args.pairs).read_text().splitlines()]
     trl_args = DPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=vs_trl.BATCH, max_length=vs_trl.MAX_LENGTH,
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, max_length=MAX_LENGTH,
         beta=vs_trl.BETA, learning_rate=vs_trl.LR, max_steps=args.warmup + args.steps, bf16=True,
         use_cpu=args.cpu, logging_steps=10_000, save_strategy="no", report_to=[], seed=vs_trl.SEED,
         dataloader_num_workers=0, disable_tqdm=True)
@@ -92,10 +95,10 @@ def child_preftune(args: argparse.Namespace) -> dict:
     cfg = config.from_dict({
         "model": {"path": args.model_dir},
         "reference": {"mode": "precomputed" if args.child == "preftune_precomp" else "copy"},
-        "data": {"train": args.pairs, "max_length": vs_trl.MAX_LENGTH, "max_prompt_length": 256},
+        "data": {"train": args.pairs, "max_length": MAX_LENGTH, "max_prompt_length": 256},
         "loss": {"name": "dpo", "beta": vs_trl.BETA},
         "optim": {"lr": vs_trl.LR, "warmup_steps": 0, "max_grad_norm": 1.0},  # TRL's clip norm
-        "train": {"batch_size": vs_trl.BATCH, "seed": vs_trl.SEED, "max_steps": args.warmup + args.steps,
+        "train": {"batch_size": BATCH, "seed": vs_trl.SEED, "max_steps": args.warmup + args.steps,
                   "log_every": 1, "save_every": 0, "progress": False, "mixed_precision": "bf16",
                   "output_dir": str(Path(args.pairs).parent / f"runs-{os.getpid()}")},
         "perf": dict(PERF, **json.loads(args.perf)),
@@ -151,7 +154,7 @@ def run_child(arm: str, workload: dict, args: argparse.Namespace) -> dict:
     result["first_step_s"] = ends[0] - launched  # start-up, model load, (precompute), first step
     result["step_s"] = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:], strict=False)]
     steps = result["step_s"]
-    result["tokens_per_s"] = vs_trl.BATCH * workload["tokens_per_pair"] / statistics.median(steps)
+    result["tokens_per_s"] = BATCH * workload["tokens_per_pair"] / statistics.median(steps)
     result["mfu_measured"] = result["tokens_per_s"] * 6 * workload["flop_params"] / workload["matmul_flops"]
     if not args.cpu:
         result["mfu_spec"] = result["tokens_per_s"] * 6 * workload["flop_params"] / H200_BF16_DENSE
@@ -214,7 +217,7 @@ def device_tests(args: argparse.Namespace, out: Path) -> dict:
 def table(report: dict) -> str:
     w = report["workload"]
     lines = [f"device: {report['environment']['device']}; bf16 matmul {w['matmul_flops'] / 1e12:.1f} TFLOP/s "
-             f"measured; model {w['size']} ({w['flop_params'] / 1e6:.1f}M matmul params), batch {vs_trl.BATCH}, "
+             f"measured; model {w['size']} ({w['flop_params'] / 1e6:.1f}M matmul params), batch {BATCH}, "
              f"{w['tokens_per_pair']:.0f} non-pad tokens/pair, {report['args']['warmup']} warm-up + "
              f"{report['args']['steps']} timed steps",
              f"device tests: {report['device_tests'].get('summary', 'skipped (--skip-tests)')}", "",
@@ -274,7 +277,7 @@ def main() -> None:
     print(f"device tests: {report['device_tests'].get('summary', 'skipped (--skip-tests)')}", flush=True)
     size = "toy" if args.cpu else "0.9B"
     with tempfile.TemporaryDirectory() as tmp:
-        workload = vs_trl.build_workload(Path(tmp) / size, size, vs_trl.BATCH * (args.warmup + args.steps))
+        workload = vs_trl.build_workload(Path(tmp) / size, size, BATCH * (args.warmup + args.steps))
         workload["matmul_flops"] = matmul_flops(args.cpu)
         report["workload"] = {k: v for k, v in workload.items() if k not in ("model_dir", "pairs")}
         report["arms"] = {}
