@@ -35,10 +35,8 @@ import numpy as np
 import torch
 
 from preftune import config, evaluate
-from preftune.demo import assets, pairs, prompts, report
-from preftune.demo.pipeline import Clock, Settings, iterate_config, load_lm
-from preftune.judges import register_reward
-from preftune.judges.sentiment import load_or_train, review_texts
+from preftune.demo import assets, pairs, report
+from preftune.demo.pipeline import Clock, Settings, iterate_config, load_lm, set_up
 from preftune.online import iterate
 
 
@@ -142,15 +140,6 @@ def point_row(method: str, label: str, param: float, samples: evaluate.Samples, 
             **quality.as_dict()}
 
 
-def _scorer(reward: Callable[[list[str]], np.ndarray] | None, classifier) -> Callable:
-    classify = reward or classifier.prob_positive
-
-    def score(samples: evaluate.Samples) -> np.ndarray:  # (N,) P(positive) of prefix + completion
-        return np.asarray(classify(review_texts([samples.prompts[samples.prompt_of(i)] for i in range(len(samples))],
-                                                samples.completions)), dtype=np.float64)
-    return score
-
-
 def _done(point: Path, compute: Callable[[], dict]) -> dict:
     """The point's saved result, or compute it and mark the point done (atomically)."""
     marker = point / "done.json"
@@ -172,8 +161,6 @@ def run_frontier(s: Settings, sweep: Sweep = Sweep(), progress: bool = True, *, 
                  reward: Callable[[list[str]], np.ndarray] | None = None) -> dict:
     """The sweep; returns (and writes to `s.out/results.json`) the table. `model_dir`, `reviews`, `reward` as
     in `pipeline.run` (tests: a tiny random model, made-up reviews, a reward of their own)."""
-    from transformers import AutoTokenizer
-
     from preftune.train import train
 
     parts = check(s, sweep)  # before any work
@@ -185,28 +172,14 @@ def run_frontier(s: Settings, sweep: Sweep = Sweep(), progress: bool = True, *, 
     torch.manual_seed(s.seed)
 
     clock.phase("set-up: model, reviews, reward classifier")
-    base_dir = model_dir or assets.model_dir()
-    reviews = reviews if reviews is not None else assets.imdb_reviews()
-    split = prompts.split_reviews(reviews, classifier_train=s.classifier_reviews, classifier_test=2000,
-                                  train_prompts=s.rounds * s.prompts_per_round, eval_prompts=s.eval_prompts,
-                                  seed=s.seed)
-    classifier_dir = assets.cache_dir() / f"sentiment-{s.classifier_reviews}-seed{s.seed}"
-    classifier = load_or_train(classifier_dir, [r.text for r in split.classifier_train],
-                               [r.label for r in split.classifier_train], [r.text for r in split.classifier_test],
-                               [r.label for r in split.classifier_test])
-    score = _scorer(reward, classifier)
-    train_prompts = prompts.make_prompts(split.train_prompts, seed=s.seed)
-    eval_prompts = prompts.make_prompts(split.eval_prompts, seed=s.seed + 1)
+    # no SFT slice: the frontier's points all start from the base model
+    setup = set_up(s, progress, sft=False, model_dir=model_dir, reviews=reviews, reward=reward)
+    base_dir, classifier_dir, score = setup.base_dir, setup.classifier_dir, setup.score
+    train_prompts, eval_prompts, tokenizer, sampling = (setup.train_prompts, setup.eval_prompts, setup.tokenizer,
+                                                        setup.sampling)
+    judge_name, pad_id = setup.judge_name, tokenizer.pad_token_id
     prompts_file = pairs.write_jsonl([{"prompt": p} for p in train_prompts], out / "prompts.jsonl")
     eval_file = pairs.write_jsonl([{"prompt": p} for p in eval_prompts], out / "eval_prompts.jsonl")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    pad_id = tokenizer.pad_token_id
-    sampling = {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "batch_size": s.sample_batch,
-                "progress": progress}
-    judge_name = "sentiment"
-    if reward is not None:
-        judge_name = "demo-reward"
-        register_reward(judge_name, lambda ps, cs: reward(review_texts(ps, cs)))
     rows: list[dict] = []
     shown: dict[str, list[str]] = {}  # label -> the first completion on each held-out prompt
     shown_rewards: dict[str, list[float]] = {}
@@ -309,8 +282,8 @@ def run_frontier(s: Settings, sweep: Sweep = Sweep(), progress: bool = True, *, 
     samples = [{"prompt": eval_prompts[p], **{label: {"text": shown[label][p], "reward": shown_rewards[label][p]}
                                              for label in shown}} for p in range(len(eval_prompts))]
     results = {"points": rows, "targets": targets, "samples": samples, "settings": dataclasses.asdict(s),
-               "sweep": dataclasses.asdict(sweep), "estimate_s": parts, "classifier_accuracy": classifier.accuracy,
-               "timing": clock.summary()}
+               "sweep": dataclasses.asdict(sweep), "estimate_s": parts,
+               "classifier_accuracy": setup.classifier.accuracy, "timing": clock.summary()}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report.frontier_html(rows, samples, targets, out / "reward_vs_kl.png", out / "report.html")
     print("\n" + report.frontier_table(rows) + "\n")

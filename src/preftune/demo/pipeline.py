@@ -162,30 +162,35 @@ def load_lm(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
 
 
-def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
-        reviews: list[assets.Review] | None = None,
-        reward: Callable[[list[str]], np.ndarray] | None = None) -> dict:
-    """The whole demo; returns (and writes to `out/results.json`) the results. `model_dir`, `reviews` and
-    `reward` replace SmolLM2, the IMDB CSV and the classifier's scores (tests run the pipeline on a tiny
-    random model, whose byte soup the classifier scores all alike)."""
+@dataclass
+class SetUp:
+    """What the demo and the frontier sweep both start from: the model, the reviews' split, the reward
+    classifier and its scorer, the prompts, the tokenizer, the sampling settings and the judge's name."""
+
+    base_dir: Path
+    split: prompts.Split
+    classifier_dir: Path
+    classifier: SentimentClassifier
+    score: Callable[[evaluate.Samples], np.ndarray]  # (N,) the reward of each sample: prefix + completion
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    tokenizer: object
+    sampling: dict
+    judge_name: str  # the iterate judge: the classifier, or the caller's own reward registered under this name
+
+
+def set_up(s: Settings, progress: bool, *, sft: bool, model_dir: Path | None,
+           reviews: list[assets.Review] | None, reward: Callable[[list[str]], np.ndarray] | None) -> SetUp:
+    """Model cache, reviews split, reward classifier (trained once, cached), prompts and judge."""
     from transformers import AutoTokenizer
 
-    from preftune.train import train
-
-    clock = Clock()
-    out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(s.seed)
-
-    # --- set-up: model cache, reviews split, reward classifier ---
-    clock.phase("set-up: model, reviews, reward classifier")
     base_dir = model_dir or assets.model_dir()
     reviews = reviews if reviews is not None else assets.imdb_reviews()
     # the SFT slice comes last, so switching SFT on or off leaves every other slice as it was
     split = prompts.split_reviews(
         reviews, classifier_train=s.classifier_reviews, classifier_test=2000,
         train_prompts=s.rounds * s.prompts_per_round, eval_prompts=s.eval_prompts,
-        sft=s.sft_examples if s.sft else 0, seed=s.seed)
+        sft=s.sft_examples if sft else 0, seed=s.seed)
     classifier_dir = assets.cache_dir() / f"sentiment-{s.classifier_reviews}-seed{s.seed}"
     classifier: SentimentClassifier = load_or_train(
         classifier_dir, [r.text for r in split.classifier_train],
@@ -195,14 +200,43 @@ def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
     classify = reward or classifier.prob_positive
 
     def score(samples: evaluate.Samples) -> np.ndarray:  # (N,) the whole review: prefix + completion
-        return classify(review_texts([samples.prompts[samples.prompt_of(i)] for i in range(len(samples))],
-                                     samples.completions))
-    train_prompts = prompts.make_prompts(split.train_prompts, seed=s.seed)
-    eval_prompts = prompts.make_prompts(split.eval_prompts, seed=s.seed + 1)
+        texts = review_texts([samples.prompts[samples.prompt_of(i)] for i in range(len(samples))],
+                             samples.completions)
+        return np.asarray(classify(texts), dtype=np.float64)
+
+    judge_name = "sentiment"
+    if reward is not None:  # tests: a reward of their own in place of the classifier
+        judge_name = "demo-reward"
+        register_reward(judge_name, lambda ps, cs: reward(review_texts(ps, cs)))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    pad_id = tokenizer.pad_token_id
     sampling = {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature,
                 "batch_size": s.sample_batch, "progress": progress}
+    return SetUp(base_dir, split, classifier_dir, classifier, score,
+                 prompts.make_prompts(split.train_prompts, seed=s.seed),
+                 prompts.make_prompts(split.eval_prompts, seed=s.seed + 1), tokenizer, sampling, judge_name)
+
+
+def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
+        reviews: list[assets.Review] | None = None,
+        reward: Callable[[list[str]], np.ndarray] | None = None) -> dict:
+    """The whole demo; returns (and writes to `out/results.json`) the results. `model_dir`, `reviews` and
+    `reward` replace SmolLM2, the IMDB CSV and the classifier's scores (tests run the pipeline on a tiny
+    random model, whose byte soup the classifier scores all alike)."""
+    from preftune.train import train
+
+    clock = Clock()
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(s.seed)
+
+    # --- set-up: model cache, reviews split, reward classifier ---
+    clock.phase("set-up: model, reviews, reward classifier")
+    setup = set_up(s, progress, sft=s.sft, model_dir=model_dir, reviews=reviews, reward=reward)
+    base_dir, split, classifier_dir, classifier, score = (setup.base_dir, setup.split, setup.classifier_dir,
+                                                          setup.classifier, setup.score)
+    train_prompts, eval_prompts, tokenizer, sampling = (setup.train_prompts, setup.eval_prompts, setup.tokenizer,
+                                                        setup.sampling)
+    pad_id = tokenizer.pad_token_id
 
     # --- sft (optional): the paper's first step; its model is the starting policy and the reference ---
     reference_dir = base_dir
@@ -238,17 +272,13 @@ def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
     # --- rounds: `preftune iterate` with the demo's settings (sample, score, pair, train; then evaluate) ---
     clock.phase(f"{s.rounds} round(s) of preftune iterate: {s.samples_per_prompt} samples x "
                 f"{s.prompts_per_round} prompts each")
-    judge_name = "sentiment"
-    if reward is not None:  # tests: a reward of their own in place of the classifier
-        judge_name = "demo-reward"
-        register_reward(judge_name, lambda prompts, completions: reward(review_texts(prompts, completions)))
     iterate_dir = out / "iterate"
     shutil.rmtree(iterate_dir, ignore_errors=True)  # the demo's outputs are replaced on each run
     cfg = config.from_dict(iterate_config(s, reference_dir, base_dir, out, classifier_dir, progress,
                                           pairs.write_jsonl([{"prompt": p} for p in train_prompts],
                                                             out / "prompts.jsonl"),
                                           pairs.write_jsonl([{"prompt": p} for p in eval_prompts],
-                                                            out / "eval_prompts.jsonl"), judge_name))
+                                                            out / "eval_prompts.jsonl"), setup.judge_name))
     iterate(cfg, progress=progress)
     rounds = [json.loads(line) for line in (iterate_dir / "rounds.jsonl").read_text().splitlines()]
     curve: list[dict] = []
