@@ -104,13 +104,15 @@ def test_packed_log_probs_equal_plain_for_each_row_and_report_lengths_and_mean_l
     torch.testing.assert_close(fast.mean_logits, plain.mean_logits, atol=ATOL, rtol=RTOL)
 
 
-def test_gradient_checkpointing_equals_plain_path():
+@pytest.mark.parametrize("selective", [False, True], ids=["full_recompute", "selective_keeps_matmuls"])
+@pytest.mark.parametrize("packing", [True, False], ids=["packed_units", "shared_rows_block_mask"])
+def test_gradient_checkpointing_equals_plain_path(selective, packing):
     pairs, pad_id = _pairs(), byte_tokenizer().pad_token_id
     model = _model()
     plain = _loss_and_grads(model, collate(pairs, pad_id))
-    perf = config.PerfConfig(packing=True, gradient_checkpointing=1)
+    perf = config.PerfConfig(packing=packing, gradient_checkpointing=1, selective_checkpointing=selective)
     checkpointed = apply_speedups(copy.deepcopy(model), perf)
-    batch = pack(pairs, pad_id, prefix_sharing=True, packing=True)
+    batch = pack(pairs, pad_id, prefix_sharing=True, packing=packing)
     _assert_same(plain, _loss_and_grads(checkpointed, batch, logps_chunk=16))
 
 

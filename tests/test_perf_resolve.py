@@ -64,6 +64,14 @@ def test_forced_switches_win_over_the_automatic_choice():
     assert "packing on (forced)" in reasons
 
 
+def test_selective_checkpointing_only_when_forced_and_said_so():
+    auto, _ = perf.resolve(PerfConfig(gradient_checkpointing=1), DPO, _model(), CPU, step_tokens=64)
+    assert auto.selective_checkpointing is False
+    forced, reasons = perf.resolve(PerfConfig(gradient_checkpointing=1, selective_checkpointing=True), DPO,
+                                   _model(), CPU, step_tokens=64)
+    assert forced.selective_checkpointing is True and "selective" in " ".join(reasons)
+
+
 @pytest.mark.parametrize(("forced", "needs", "model", "place", "match"), [
     (PerfConfig(packing=True), DPO, _model(), CPU, r"perf.packing=true: .*'eager'.* for loss 'dpo'; set model"),
     (PerfConfig(logps_chunk=64), DPO, _model(final_logit_softcapping=30.0), CPU,
@@ -73,6 +81,9 @@ def test_forced_switches_win_over_the_automatic_choice():
     (PerfConfig(prefix_sharing=True), perf.Needs("kto", paired=False), _model(), CPU,
      r"perf.prefix_sharing=true: .* no pairs for loss 'kto'"),
     (PerfConfig(attention="flex_attention", packing=True), DPO, _model(), CPU, r"perf.attention=flex_attention"),
+    (PerfConfig(selective_checkpointing=True, gradient_checkpointing=0), DPO, _model(), CPU,
+     r"perf.selective_checkpointing=true: .*gradient_checkpointing is off for loss 'dpo'; set "
+     r"perf.gradient_checkpointing=1"),
 ])
 def test_a_forced_switch_that_cannot_serve_names_switch_loss_and_alternative(forced, needs, model, place, match):
     attn = "eager" if forced.packing and not forced.attention else "sdpa"

@@ -345,6 +345,13 @@ class PerfConfig:
     """Recompute decoder layers' activations in backward instead of keeping them: 1 = every layer (about 1/3
     more compute, far less memory), n = every n-th layer (a middle ground), 0 = off. Automatic: off while the
     step's estimated activations fit in 1/8 of the memory available, else the sparsest n that fits."""
+    selective_checkpointing: bool | None = None
+    """With gradient_checkpointing: keep each recomputed layer's matmul and attention outputs and recompute
+    only its elementwise ops (norms, rotary embedding, SiLU, products) in backward: no matmul is run twice,
+    and the layer keeps about half the activations it would without checkpointing (Korthikanti et al. 2022,
+    arXiv:2205.05198, "selective activation recomputation"; torch's create_selective_checkpoint_contexts).
+    false: full recomputation. Automatic: off (its speed cost is not measured yet; docs/performance.md has its
+    memory). Forcing it on without gradient_checkpointing is refused."""
     compile: bool | None = None
     """torch.compile each decoder layer (dynamic shapes). Pays only on long runs: compiling takes minutes.
     Automatic: off."""

@@ -93,7 +93,10 @@ def apply_speedups(model: torch.nn.Module, perf: PerfConfig, trainable: bool = T
         model.set_attn_implementation("flex_attention")
     if perf.gradient_checkpointing and trainable:
         # non-reentrant: works with frozen inputs and keyword arguments such as the packed units
-        model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=perf.gradient_checkpointing)
+        kwargs = {"use_reentrant": False}
+        if perf.selective_checkpointing:
+            kwargs["context_fn"] = keep_matmul_outputs
+        model.activation_checkpointing_enable(kwargs, every_n_layers=perf.gradient_checkpointing)
     if perf.compile:
         # per decoder layer, not the whole model: one small graph reused by every layer, dynamic lengths
         layer_types = set(getattr(model, "_no_split_modules", None) or [])
@@ -104,6 +107,28 @@ def apply_speedups(model: torch.nn.Module, perf: PerfConfig, trainable: bool = T
         for layer in layers:
             layer.compile(dynamic=True, backend=COMPILE_BACKEND)
     return model
+
+
+def _matmul_ops() -> set:
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward")
+    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+
+def keep_matmul_outputs():
+    """Selective recomputation for one checkpointed layer (perf.selective_checkpointing): the outputs of its
+    matmuls and attention kernels are kept from forward, everything else (norms, rotary, SiLU, products,
+    views) is recomputed in backward, so the recomputation costs elementwise work only (arXiv:2205.05198)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    kept = _matmul_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in kept else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 COMPILE_BACKEND = "inductor"  # tests swap in aot_eager: same graph capture, seconds instead of minutes on CPU

@@ -97,7 +97,8 @@ def resolve(perf: PerfConfig, needs: Needs, model_config, place: Machine, *, ste
             raise ConfigError(f"perf.plain=true takes the plain path, but {', '.join(forced)} also set: "
                               "drop perf.plain or those switches")
         plain = dataclasses.replace(perf, prefix_sharing=False, packing=False, logps_chunk=0,
-                                    gradient_checkpointing=0, compile=False, fused_adamw=False, mmap_threshold_kb=0,
+                                    gradient_checkpointing=0, selective_checkpointing=False, compile=False,
+                                    fused_adamw=False, mmap_threshold_kb=0,
                                     attention=attn_implementation)
         return plain, ["plain path (perf.plain=true)"]
 
@@ -186,6 +187,13 @@ def resolve(perf: PerfConfig, needs: Needs, model_config, place: Machine, *, ste
         checkpointing = perf.gradient_checkpointing
         reasons.append(f"checkpointing {checkpointing or 'off'} (forced)")
 
+    # selective recomputation: only when asked for (its policy from the memory available is not measured yet)
+    selective = bool(perf.selective_checkpointing)
+    if selective and not checkpointing:
+        refuse("perf.selective_checkpointing=true", "chooses what a checkpointed layer keeps, and "
+               "perf.gradient_checkpointing is off", "set perf.gradient_checkpointing=1 (or n) beside it")
+    if selective:
+        reasons[-1] += ", selective (matmul outputs kept, elementwise ops recomputed; forced)"
     compile_ = bool(perf.compile)
     if perf.compile is not None:
         reasons.append(f"compile {'on' if compile_ else 'off'} (forced)")
@@ -222,7 +230,8 @@ def resolve(perf: PerfConfig, needs: Needs, model_config, place: Machine, *, ste
         reasons.append(f"attention {attention} (forced)")
 
     resolved = dataclasses.replace(perf, prefix_sharing=prefix_sharing, packing=packing, logps_chunk=logps_chunk,
-                                   gradient_checkpointing=checkpointing, compile=compile_, fused_adamw=fused,
+                                   gradient_checkpointing=checkpointing, selective_checkpointing=selective,
+                                   compile=compile_, fused_adamw=fused,
                                    mmap_threshold_kb=mmap_kb, attention=attention)
     return resolved, reasons
 

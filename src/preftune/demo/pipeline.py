@@ -65,6 +65,11 @@ class Settings:
     """Length limit of every sampled completion, in tokens."""
     temperature: float = 1.0
     """Sampling temperature for pairs and evaluation (1.0: the model's own distribution)."""
+    loss: str = "dpo"
+    """Preference loss of every round (`preftune losses` lists them; a paired loss: dpo, ipo, cdpo, ...)."""
+    reference: str = "round_start"
+    """Each round's reference: round_start (the policy the round starts from) or initial (the model round 1
+    starts from, so the loss's KL term holds every round to the original model)."""
     beta: float = 1.0
     """DPO beta (the paper: 0.1; 1.0 kept the KL lowest for the most reward in `preftune demo --frontier`,
     docs/demo.md)."""
@@ -105,7 +110,7 @@ def iterate_config(s: Settings, start: Path, tokenizer_dir: Path, out: Path, cla
     return {
         "model": {"path": str(start), "tokenizer": str(tokenizer_dir)},
         "data": {"max_length": 128, "max_prompt_length": 64},
-        "loss": {"name": "dpo", "beta": s.beta},
+        "loss": {"name": s.loss, "beta": s.beta},
         "optim": {"lr": s.lr, "warmup_steps": s.warmup_steps, "max_grad_norm": 10.0},
         # copy: the reference the README's numbers were measured with (precomputed gives the same losses up
         # to float rounding, tests/test_reference.py); round_start: each round against the model it starts
@@ -121,7 +126,7 @@ def iterate_config(s: Settings, start: Path, tokenizer_dir: Path, out: Path, cla
                     "num_eval_prompts": s.eval_prompts, "rounds": s.rounds, "prompts_per_round": s.prompts_per_round,
                     "samples_per_prompt": s.samples_per_prompt, "max_new_tokens": s.max_new_tokens,
                     "temperature": s.temperature, "sample_batch_size": s.sample_batch, "pairing": "all_pairs",
-                    "margin": 0.0, "max_pairs_per_prompt": s.pairs_per_prompt, "reference": "round_start",
+                    "margin": 0.0, "max_pairs_per_prompt": s.pairs_per_prompt, "reference": s.reference,
                     "kl_samples": s.curve_samples, "eval_every": s.rounds, "eval_initial": False},
     }
 
