@@ -116,6 +116,39 @@ def test_gradient_checkpointing_equals_plain_path(selective, packing):
     _assert_same(plain, _loss_and_grads(checkpointed, batch, logps_chunk=16))
 
 
+def _matmuls_in_backward(model, batch) -> int:
+    """How many matmuls the backward of one DPO step runs (its own gradients plus any recomputation)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    model.zero_grad(set_to_none=True)
+    chosen, rejected = batch_logps(model, batch, 16).halves()
+    loss = -(chosen.logps - rejected.logps).sigmoid().log().mean()
+    with Count():
+        loss.backward()
+    return Count.n
+
+
+def test_selective_checkpointing_runs_no_matmul_twice():
+    # full recomputation repeats every decoder-layer matmul in backward; selective keeps their outputs, so its
+    # backward runs exactly the matmuls of the uncheckpointed model's backward
+    pairs, pad_id = _pairs(), byte_tokenizer().pad_token_id
+    batch = pack(pairs, pad_id, prefix_sharing=True, packing=False)
+    counts = {}
+    for name, perf in [("none", config.PerfConfig()),
+                       ("full", config.PerfConfig(gradient_checkpointing=1)),
+                       ("selective", config.PerfConfig(gradient_checkpointing=1, selective_checkpointing=True))]:
+        counts[name] = _matmuls_in_backward(apply_speedups(_model(), perf), batch)
+    assert counts["selective"] == counts["none"] < counts["full"], counts
+
+
 def test_compiled_layers_equal_plain_path(monkeypatch):
     # aot_eager: dynamo captures each layer with dynamic shapes and AOT autograd builds its backward, as with
     # inductor, without minutes of C++ compilation per test (inductor itself was checked the same way by hand)
