@@ -73,6 +73,8 @@ def test_over_budget_names_the_estimate_and_the_fix():
     with pytest.raises(SweepError, match=r"estimated at \d+\.\d min .*fewer --betas"):
         check(dataclasses.replace(TINY, eval_prompts=128, rounds=3, prompts_per_round=32, pairs_per_prompt=6),
               Sweep(betas=tuple(0.1 * (i + 1) for i in range(12))))
+    with pytest.raises(SweepError, match=r"--loss ipo: the frontier sweeps DPO's beta"):
+        check(dataclasses.replace(TINY, loss="ipo"), Sweep())
     parts = check(TINY, Sweep())
     assert list(parts)[:2] == ["set-up", "reference + best-of-N"] and "Preferred-FT" in parts
 

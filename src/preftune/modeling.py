@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -109,26 +110,29 @@ def apply_speedups(model: torch.nn.Module, perf: PerfConfig, trainable: bool = T
     return model
 
 
-def _matmul_ops() -> set:
+@functools.cache
+def _kept_ops() -> frozenset:
+    """The matmul and attention kernels whose outputs selective recomputation keeps (those this torch has)."""
     aten = torch.ops.aten
     names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
              "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward")
-    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _kept_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def keep_matmul_outputs():
     """Selective recomputation for one checkpointed layer (perf.selective_checkpointing): the outputs of its
     matmuls and attention kernels are kept from forward, everything else (norms, rotary, SiLU, products,
     views) is recomputed in backward, so the recomputation costs elementwise work only (arXiv:2205.05198)."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    kept = _matmul_ops()
-
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in kept else CheckpointPolicy.PREFER_RECOMPUTE
-
-    return create_selective_checkpoint_contexts(policy)
+    return create_selective_checkpoint_contexts(_keep_matmuls)
 
 
 COMPILE_BACKEND = "inductor"  # tests swap in aot_eager: same graph capture, seconds instead of minutes on CPU

@@ -86,6 +86,10 @@ def estimate(s: Settings, sweep: Sweep) -> dict[str, float]:
 
 def check(s: Settings, sweep: Sweep) -> dict[str, float]:
     """SweepError unless the sweep can run as asked and fits its budget; returns the estimate."""
+    if s.loss != "dpo":
+        # every trained point is labelled, plotted and checked against the targets as DPO (the paper's figure)
+        raise SweepError(f"--loss {s.loss}: the frontier sweeps DPO's beta; run it without --loss, or sweep "
+                         f"{s.loss} by hand with `preftune demo --loss {s.loss} --beta B`")
     if not sweep.betas:
         raise SweepError("--betas: empty; the frontier needs at least one DPO beta (the paper's figure: several)")
     if any(b <= 0 for b in sweep.betas):
