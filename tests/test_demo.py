@@ -80,6 +80,18 @@ def test_split_is_disjoint_and_sized():
         prompts.split_reviews(reviews, classifier_train=90, classifier_test=10, train_prompts=1, eval_prompts=0)
 
 
+def test_held_out_prompts_do_not_depend_on_the_training_count():
+    # more rounds x prompts per round must not move the held-out reviews, or settings compare across prompt sets
+    reviews = fake_reviews(100)
+    few = prompts.split_reviews(reviews, classifier_train=40, classifier_test=10, train_prompts=10,
+                                eval_prompts=15, seed=1)
+    many = prompts.split_reviews(reviews, classifier_train=40, classifier_test=10, train_prompts=30,
+                                 eval_prompts=15, sft=5, seed=1)
+    assert many.eval_prompts == few.eval_prompts
+    assert many.train_prompts[:10] == few.train_prompts  # more prompts extend the training slice, in order
+    assert many.classifier_train == few.classifier_train
+
+
 def test_prompts_are_2_to_8_word_prefixes():
     reviews = fake_reviews(200)
     got = prompts.make_prompts(reviews, seed=0)

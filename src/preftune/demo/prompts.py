@@ -24,9 +24,12 @@ class Split:
 
 def split_reviews(reviews: Sequence[Review], *, classifier_train: int, classifier_test: int,
                   train_prompts: int, eval_prompts: int, sft: int = 0, seed: int = 0) -> Split:
-    """Shuffle once (seeded) and cut consecutive, non-overlapping slices of the requested sizes."""
+    """Shuffle once (seeded) and cut consecutive, non-overlapping slices of the requested sizes. The held-out
+    prompts are cut before the training prompts, so settings that train on more or fewer prompts (rounds x
+    prompts per round) are evaluated on the same held-out reviews and their rows compare; the SFT slice comes
+    last, so switching SFT on or off leaves every other slice as it was."""
     sizes = {"classifier_train": classifier_train, "classifier_test": classifier_test,
-             "train_prompts": train_prompts, "eval_prompts": eval_prompts, "sft": sft}
+             "eval_prompts": eval_prompts, "train_prompts": train_prompts, "sft": sft}
     if sum(sizes.values()) > len(reviews):
         raise ValueError(f"the split asks for {sum(sizes.values())} reviews ({sizes}) but only "
                          f"{len(reviews)} exist")
