@@ -323,6 +323,9 @@ def main() -> None:
                                                       "preftune_defaults_precomp", "trl_default_mmap"],
                         help="trl_default_mmap: TRL defaults under preftune's allocator setting, memory only")
     parser.add_argument("--perf", default="{}", help="JSON overrides of preftune's perf switches for its arms")
+    parser.add_argument("--hand-perf", default="{}",
+                        help="JSON overrides for the hand-set arms (preftune, preftune_precomp) only, e.g. "
+                        "'{\"gradient_checkpointing\": 2}' to time another setting beside the defaults in one run")
     parser.add_argument("--json", default="", help="also write all results to this file")
     # child-process arguments
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -344,6 +347,7 @@ def main() -> None:
     print(f"fp32 matmul (2048^2, {args.threads} threads): {flops_before / 1e9:.0f} GFLOP/s; "
           f"{args.warmup} warm-up + {args.steps} timed steps per run unless the workload says", flush=True)
     results: dict[str, dict] = {}
+    hand_perf = dict(json.loads(args.perf), **json.loads(args.hand_perf))
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             spec = SIZES[size]
@@ -352,12 +356,13 @@ def main() -> None:
             workload = build_workload(Path(tmp) / size, size, num_pairs)
             arms = [a for a in args.arms if not spec.arms or a in spec.arms]
             print(f"{size}: {num_pairs} pairs, batch {spec.batch}, max_length {spec.max_length}; hand-set preftune "
-                  f"perf {json.dumps(dict(PREFTUNE_PERF[spec.arch], **json.loads(args.perf)))}", flush=True)
+                  f"perf {json.dumps(dict(PREFTUNE_PERF[spec.arch], **hand_perf))}", flush=True)
             repeats = args.repeats or (2 if size == "6M" else 1)
             runs: dict[str, list[dict]] = {arm: [] for arm in arms}
             for rep in range(repeats):
                 for arm in arms:  # alternating trainers, so drifting machine load hits both
-                    run = run_child(arm, workload, args, args.perf)
+                    hand = arm in ("preftune", "preftune_precomp")
+                    run = run_child(arm, workload, args, json.dumps(hand_perf) if hand else args.perf)
                     runs[arm].append(run)
                     print(f"  {size} round {rep + 1}/{repeats} {arm:17s} steps "
                           f"{' '.join(f'{s:.2f}' for s in run['step_s'])} s, peak {run['peak_rss_gb']:.2f} GB, "

@@ -218,6 +218,26 @@ def test_pipeline_end_to_end_on_tiny_model(tmp_path, monkeypatch, tiny_model_dir
         (out / "iterate" / "round-2" / "train" / "config.yaml").read_text()
 
 
+def test_lora_and_disjoint_pairing_reach_the_rounds(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    results = run(dataclasses.replace(TINY, out=str(out), lora_rank=4, pairing="disjoint"), progress=False,
+                  model_dir=tiny_model_dir, reviews=fake_reviews(2300), reward=byte_reward)
+    for r in (1, 2):
+        cfg = config.load(out / "iterate" / f"round-{r}" / "train" / "config.yaml")
+        assert cfg.lora.enabled and cfg.lora.r == 4 and cfg.lora.alpha == 8.0
+        assert cfg.reference.mode == "precomputed"  # round_start, read once per round
+        pairs = [json.loads(line) for line in (out / "iterate" / f"round-{r}" / "pairs.jsonl").read_text()
+                 .splitlines()]
+        for prompt in {p["prompt"] for p in pairs}:
+            sides = [s for p in pairs if p["prompt"] == prompt for s in (p["chosen"], p["rejected"])]
+            assert len(sides) == len(set(sides)), "disjoint pairing used a sample twice"
+    # round 2 trains round 1's adapter further on the same base
+    round2 = config.load(out / "iterate" / "round-2" / "train" / "config.yaml")
+    assert round2.model.path == str(tiny_model_dir) and round2.model.adapter_path.endswith("round-1/train/final")
+    assert np.isfinite(results["evaluation"]["kl"][0])
+
+
 def test_sft_model_is_the_starting_policy_and_the_dpo_reference(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
     reviews = fake_reviews(2300)

@@ -53,6 +53,22 @@ def test_all_pairs_above_the_margin_widest_first_with_a_cap():
     assert (counts.built, counts.ties, counts.over_cap) == (3, 2, 1)
 
 
+def test_disjoint_pairs_rank_against_rank_and_use_each_sample_once():
+    # scores 0.1 .. 0.8 in shuffled sample order; ranked: t u v w x y z s -> t>s (0.7), u>z (0.5), v>y (0.3),
+    # w>x (0.1, <= margin 0.15: a tie); the cap of 2 drops v>y
+    texts = ["s", "t", "u", "v", "w", "x", "y", "z"]
+    scores = [0.1, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    records, counts = make_pairs(["p"], texts, scores, 8, rule="disjoint", margin=0.15, max_per_prompt=2)
+    assert [(r["chosen"], r["rejected"]) for r in records] == [("t", "s"), ("u", "z")]
+    assert (counts.built, counts.ties, counts.over_cap) == (2, 1, 1)
+    every, _ = make_pairs(["p"], texts, scores, 8, rule="disjoint")
+    sides = [r["chosen"] for r in every] + [r["rejected"] for r in every]
+    assert sorted(sides) == sorted(texts)  # each sample in exactly one pair
+    # an odd count leaves the median sample out
+    odd, _ = make_pairs(["p"], ["a", "b", "c"], [0.0, 2.0, 1.0], 3, rule="disjoint")
+    assert [(r["chosen"], r["rejected"]) for r in odd] == [("b", "a")]
+
+
 def test_identical_and_empty_samples_make_no_pair():
     records, counts = make_pairs(["p"], ["same", " same ", "", "other"], [3.0, 1.0, 9.0, 2.0], 4,
                                  rule="all_pairs")
@@ -194,7 +210,7 @@ def test_cli_iterate_runs_and_errors_are_one_line(tmp_path, capsys):
     assert main(["iterate", str(tmp_path / "it.yaml")]) == 0
     assert len(records(tmp_path / "runs" / "it")) == 1
     assert main(["iterate", str(tmp_path / "it.yaml"), "iterate.pairing=best"]) == 2
-    assert "iterate.pairing: 'best' is not one of ['best_worst', 'all_pairs']" in capsys.readouterr().err
+    assert "iterate.pairing: 'best' is not one of ['best_worst', 'all_pairs', 'disjoint']" in capsys.readouterr().err
 
 
 def test_a_finished_run_continues_for_more_rounds_but_refuses_other_settings(tmp_path):

@@ -44,6 +44,28 @@ def test_checkpointing_policy_follows_activations_against_memory():
     assert perf.resolve(PerfConfig(), DPO, model, half, step_tokens=5120)[0].gradient_checkpointing == 2
     tight = perf.Machine("cpu", GIB, glibc=True)
     assert perf.resolve(PerfConfig(), DPO, model, tight, step_tokens=5120)[0].gradient_checkpointing == 1
+    assert perf.resolve(PerfConfig(), DPO, model, tight, step_tokens=5120)[0].selective_checkpointing is False
+
+
+def test_selective_recomputation_where_full_would_recompute_every_second_or_third_layer():
+    model = _model(hidden=768, layers=12)
+    kept = perf.activation_bytes(model, 5120, 4)
+
+    def room(share):  # memory whose activation budget is `share` of the activations kept without checkpointing
+        return perf.Machine("cpu", int(kept * share / perf.ACTIVATION_BUDGET) + 1, glibc=True)
+
+    # 0.6 of them: full recomputation would need every 2nd layer (keeps 1/2); selective keeps 14/24 = 0.583
+    resolved, reasons = perf.resolve(PerfConfig(), DPO, model, room(0.6), step_tokens=5120)
+    assert (resolved.gradient_checkpointing, resolved.selective_checkpointing) == (1, True)
+    assert "every 1 layer(s), selective" in " ".join(reasons)
+    # 0.9: every 10th layer recomputed in full (keeps 9/10) is cheaper than recomputing every layer's norms
+    resolved, _ = perf.resolve(PerfConfig(), DPO, model, room(0.9), step_tokens=5120)
+    assert (resolved.gradient_checkpointing, resolved.selective_checkpointing) == (10, False)
+    # forced off: full recomputation at the same interval full recomputation alone would take
+    resolved, reasons = perf.resolve(PerfConfig(selective_checkpointing=False), DPO, model, room(0.6),
+                                     step_tokens=5120)
+    assert (resolved.gradient_checkpointing, resolved.selective_checkpointing) == (2, False)
+    assert "selective forced off" in " ".join(reasons)
 
 
 def test_plain_turns_everything_off_and_refuses_forced_switches_beside_it():

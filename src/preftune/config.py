@@ -344,15 +344,18 @@ class PerfConfig:
     gradient_checkpointing: int | None = None
     """Recompute decoder layers' activations in backward instead of keeping them: 1 = every layer (about 1/3
     more compute, far less memory), n = every n-th layer (a middle ground), 0 = off. Automatic: off while the
-    step's estimated activations fit in 1/8 of the memory available, else the sparsest n that fits."""
+    step's estimated activations fit in 1/8 of the memory available; else every layer with selective
+    recomputation where full recomputation would need every 2nd or 3rd layer and the selective share fits;
+    else the sparsest n that fits."""
     selective_checkpointing: bool | None = None
     """With gradient_checkpointing: keep each recomputed layer's matmul and attention outputs and recompute
     only its elementwise ops (norms, rotary embedding, SiLU, products) in backward: no matmul is run twice,
     and the layer keeps about half the activations it would without checkpointing (Korthikanti et al. 2022,
     arXiv:2205.05198, "selective activation recomputation"; torch's create_selective_checkpoint_contexts).
-    false: full recomputation. Automatic: off (at 6M it cost 4-11% of tokens/s for 16% less peak memory; at
-    110M, one run each, 15% faster than the automatic every-2-layers recomputation at the same peak memory;
-    docs/performance.md). Forcing it on without gradient_checkpointing is refused."""
+    false: full recomputation. Automatic (with automatic checkpointing): on, every layer, where full
+    recomputation would need every 2nd or 3rd layer to fit (at 6M it cost 4-11% of tokens/s against none; at
+    110M it ran faster than every-2-layers full recomputation at the same peak memory; docs/performance.md);
+    else off. Forcing it on without gradient_checkpointing is refused."""
     compile: bool | None = None
     """torch.compile each decoder layer (dynamic shapes). Pays only on long runs: compiling takes minutes.
     Automatic: off."""
@@ -404,13 +407,14 @@ class IterateConfig:
     prompt), so they do not depend on sample_batch_size or on the other prompts of the round (costs batching);
     off: one seed per round, sample_batch_size sequences per call."""
     pairing: str = "best_worst"
-    """How samples become pairs: best_worst (per prompt the highest- vs the lowest-scored sample) or
-    all_pairs (every two samples whose scores differ by more than `margin`, widest gap first)."""
+    """How samples become pairs: best_worst (per prompt the highest- vs the lowest-scored sample), all_pairs
+    (every two samples whose scores differ by more than `margin`, widest gap first) or disjoint (ranked by
+    score: best vs worst, second best vs second worst, ...; no sample in two pairs)."""
     margin: float = 0.0
     """A pair needs its chosen score to exceed the rejected one by more than this; closer pairs are ties,
     dropped and counted."""
     max_pairs_per_prompt: int = 0
-    """all_pairs: keep at most this many pairs per prompt, widest gap first (0 = all)."""
+    """all_pairs, disjoint: keep at most this many pairs per prompt, widest gap first (0 = all)."""
     unpaired_rule: str = "pair_sides"
     """Unpaired losses (KTO): how scored samples become desirable/undesirable completions: pair_sides (the
     chosen sides of the pairs `pairing` builds desirable, the rejected sides undesirable; a completion on both
@@ -675,7 +679,7 @@ _CHOICES = {
     "loss.ref_sync": ("none", "soft", "hard"),
     "log.wandb_mode": ("online", "offline", "disabled"),
     "eval.baseline": ("reference", "dataset"),
-    "iterate.pairing": ("best_worst", "all_pairs"),
+    "iterate.pairing": ("best_worst", "all_pairs", "disjoint"),
     "iterate.unpaired_rule": ("pair_sides", "threshold"),
     "iterate.reference": ("initial", "round_start"),
     "judge.mode": ("pairwise", "pointwise"),

@@ -15,7 +15,7 @@ import numpy as np
 
 from preftune.data.records import Text
 
-# --- pairs: best_worst, all_pairs ---
+# --- pairs: best_worst, all_pairs, disjoint ---
 
 @dataclasses.dataclass
 class PairCounts:
@@ -31,7 +31,7 @@ class PairCounts:
     unscored: int = 0
     """samples the judge could not score (left out of every pair)"""
     over_cap: int = 0
-    """all_pairs: candidates past iterate.max_pairs_per_prompt"""
+    """all_pairs, disjoint: candidates past iterate.max_pairs_per_prompt"""
     prompts_without_pair: int = 0
 
 
@@ -44,6 +44,9 @@ def make_pairs(prompts: Sequence[Text], completions: Sequence[str], scores: Sequ
     best_worst: per prompt the highest-scored sample against the lowest (the first of equals), if their gap
     exceeds `margin`. all_pairs: every two samples whose gap exceeds `margin`, widest gap first (ties of gap
     in sample order), at most `max_per_prompt` (0 = all): the DPO paper's IMDb setting uses all of them.
+    disjoint: the samples ranked by score, the best against the worst, the second best against the second
+    worst, and so on, so no sample is in two pairs (all_pairs reuses the best sample as the chosen side of
+    most of its pairs, and once one of them is fit the others are too); at most `max_per_prompt`.
     """
     if len(completions) != len(scores) or len(completions) != len(prompts) * k:
         raise ValueError(f"{len(completions)} completions and {len(scores)} scores for {len(prompts)} prompts x {k}")
@@ -64,6 +67,11 @@ def make_pairs(prompts: Sequence[Text], completions: Sequence[str], scores: Sequ
                 best = max(usable, key=lambda i: scores[i])  # max/min keep the first of equals
                 worst = min(usable, key=lambda i: scores[i])
                 candidates = [(scores[best] - scores[worst], best, worst)] if best != worst else [(0.0, best, best)]
+        elif rule == "disjoint":
+            ranked = sorted(usable, key=lambda i: -scores[i])  # stable: equal scores stay in sample order
+            for m in range(len(ranked) // 2):
+                hi, lo = ranked[m], ranked[-1 - m]
+                candidates.append((scores[hi] - scores[lo], hi, lo))
         else:
             for i, j in itertools.combinations(usable, 2):
                 hi, lo = (i, j) if scores[i] > scores[j] else (j, i)

@@ -21,6 +21,13 @@ MMAP_THRESHOLD_KB = 1024  # glibc's mmap threshold when automatic (docs/performa
 # two norms, the MLP's gate/up/act/down inputs at intermediate ~ 4 x hidden, residuals): an estimate for the
 # checkpointing policy only, never for correctness
 ACTIVATION_VALUES_PER_TOKEN_LAYER = 24
+# of those, the matmul and attention outputs selective recomputation keeps: q, k, v, attention out, o_proj out,
+# down_proj out (6 x hidden) and gate, up (2 x 4 x hidden); the norms, rotary, SiLU and products are recomputed
+SELECTIVE_VALUES_PER_TOKEN_LAYER = 14
+# full recomputation of every n-th layer repeats ~1/(3n) of a step's compute; selective recomputation of every
+# layer cost 4-11% of a step at 6M and ran 15% faster than every-2-layers full recomputation at 110M
+# (docs/performance.md), so it is preferred where full recomputation would need n <= this
+SELECTIVE_MAX_INTERVAL = 3
 # share of the memory available that one step's kept activations may take before checkpointing turns on
 ACTIVATION_BUDGET = 0.125
 
@@ -166,10 +173,12 @@ def resolve(perf: PerfConfig, needs: Needs, model_config, place: Machine, *, ste
                    f"set it to {'false' if on is True else 0}: the run then takes the plain path")
 
     # --- memory: gradient checkpointing from the estimated activations vs the memory available ---
+    selective = bool(perf.selective_checkpointing)
     if perf.gradient_checkpointing is None:
         kept = activation_bytes(model_config, step_tokens, dtype_bytes)
         budget = int(place.memory_bytes * ACTIVATION_BUDGET)
         layers = model_config.num_hidden_layers
+        how = ""
         if kept <= budget:
             checkpointing = 0
         else:
@@ -179,21 +188,28 @@ def resolve(perf: PerfConfig, needs: Needs, model_config, place: Machine, *, ste
                 if kept * (n - 1) / n <= budget:
                     checkpointing = n
                     break
+            kept_selective = kept * SELECTIVE_VALUES_PER_TOKEN_LAYER // ACTIVATION_VALUES_PER_TOKEN_LAYER
+            if perf.selective_checkpointing is None and checkpointing <= SELECTIVE_MAX_INTERVAL \
+                    and kept_selective <= budget:
+                # every layer, keeping its matmul outputs: no matmul runs twice, ~14/24 of the activations kept
+                checkpointing, selective = 1, True
+                how = f", selective (matmul outputs kept, ~{kept_selective / 2 ** 30:.1f} GiB)"
         gib = 2 ** 30
-        reasons.append(f"checkpointing {'off' if not checkpointing else f'every {checkpointing} layer(s)'}: "
-                       f"~{kept / gib:.1f} GiB activations vs budget {budget / gib:.1f} GiB "
+        reasons.append(f"checkpointing {'off' if not checkpointing else f'every {checkpointing} layer(s)'}"
+                       f"{how}: ~{kept / gib:.1f} GiB activations vs budget {budget / gib:.1f} GiB "
                        f"({ACTIVATION_BUDGET:g} of {place.memory_bytes / gib:.1f} GiB available)")
     else:
         checkpointing = perf.gradient_checkpointing
         reasons.append(f"checkpointing {checkpointing or 'off'} (forced)")
 
-    # selective recomputation: only when asked for (its policy from the memory available is not measured yet)
-    selective = bool(perf.selective_checkpointing)
-    if selective and not checkpointing:
+    # selective recomputation: chosen above when checkpointing is automatic; forced, it needs checkpointing
+    if perf.selective_checkpointing and not checkpointing:
         refuse("perf.selective_checkpointing=true", "chooses what a checkpointed layer keeps, and "
                "perf.gradient_checkpointing is off", "set perf.gradient_checkpointing=1 (or n) beside it")
-    if selective:
+    if perf.selective_checkpointing:
         reasons[-1] += ", selective (matmul outputs kept, elementwise ops recomputed; forced)"
+    elif perf.selective_checkpointing is False and checkpointing:
+        reasons[-1] += ", full recomputation (selective forced off)"
     compile_ = bool(perf.compile)
     if perf.compile is not None:
         reasons.append(f"compile {'on' if compile_ else 'off'} (forced)")

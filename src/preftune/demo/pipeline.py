@@ -61,6 +61,9 @@ class Settings:
     """Completions sampled per training prompt (the paper: 4)."""
     pairs_per_prompt: int = 5
     """Pairs kept per prompt, widest reward gap first (the paper: all 6 of 4 samples)."""
+    pairing: str = "all_pairs"
+    """How a prompt's samples become pairs (iterate.pairing): all_pairs (every two with different rewards, the
+    paper's rule) or disjoint (best vs worst, second best vs second worst, ...: no sample in two pairs)."""
     max_new_tokens: int = 24
     """Length limit of every sampled completion, in tokens."""
     temperature: float = 1.0
@@ -79,6 +82,8 @@ class Settings:
     """Linear warm-up steps of the first round (later rounds start warm)."""
     batch_size: int = 8
     """Pairs per optimiser step."""
+    lora_rank: int = 0
+    """LoRA adapter rank on every linear layer (alpha = 2 x rank); 0 = full fine-tuning."""
     epochs: float = 1.0
     """Passes over each round's pairs."""
     eval_prompts: int = 128
@@ -115,7 +120,9 @@ def iterate_config(s: Settings, start: Path, tokenizer_dir: Path, out: Path, cla
         # copy: the reference the README's numbers were measured with (precomputed gives the same losses up
         # to float rounding, tests/test_reference.py); round_start: each round against the model it starts
         # from, as the demo always trained (docs/iterate.md compares the two choices)
-        "reference": {"mode": "copy"},
+        # with adapters: the round's start is base + the previous round's adapter; one precomputed pass reads it
+        "reference": {"mode": "auto" if s.lora_rank else "copy"},
+        "lora": {"enabled": bool(s.lora_rank), "r": s.lora_rank or 16, "alpha": 2.0 * (s.lora_rank or 16)},
         "train": {"output_dir": str(out), "run_name": "iterate", "batch_size": s.batch_size, "epochs": s.epochs,
                   "seed": s.seed, "progress": progress},
         # no perf section: train() picks the fast paths itself (docs/performance.md, "Defaults")
@@ -125,7 +132,7 @@ def iterate_config(s: Settings, start: Path, tokenizer_dir: Path, out: Path, cla
         "iterate": {"prompts": str(prompts_file), "eval_prompts": str(eval_prompts_file),
                     "num_eval_prompts": s.eval_prompts, "rounds": s.rounds, "prompts_per_round": s.prompts_per_round,
                     "samples_per_prompt": s.samples_per_prompt, "max_new_tokens": s.max_new_tokens,
-                    "temperature": s.temperature, "sample_batch_size": s.sample_batch, "pairing": "all_pairs",
+                    "temperature": s.temperature, "sample_batch_size": s.sample_batch, "pairing": s.pairing,
                     "margin": 0.0, "max_pairs_per_prompt": s.pairs_per_prompt, "reference": s.reference,
                     "kl_samples": s.curve_samples, "eval_every": s.rounds, "eval_initial": False},
     }
