@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from preftune import config, data
 from preftune.config import DataConfig
-from preftune.demo import FULL, QUICK, Settings, assets, main, pairs, prompts, report, run
+from preftune.demo import FULL, QUICK, Settings, assets, headroom, main, pairs, prompts, report, run
 from preftune.evaluate import Comparison
 from preftune.judges.sentiment import SentimentClassifier, load_or_train, train_classifier
 from preftune.modeling import byte_tokenizer
@@ -205,6 +205,9 @@ def test_pipeline_end_to_end_on_tiny_model(tmp_path, monkeypatch, tiny_model_dir
     assert [c["round"] for c in saved["training_curve"]] == [0, 1, 2]
     assert saved["training_curve"][0]["kl"] == 0.0 and saved["steps"] > 0
     assert len(saved["eval_samples"]) == 12
+    room = saved["headroom"]  # round 1: 4 prompts x 4 samples of the initial model, reweighted by their rewards
+    assert room["reweighting_prompts"] == 4 and room["samples_per_prompt"] == 4
+    assert 0 <= room["reweighting_kl"] <= np.log(4) + 1e-9 and -1 <= room["implicit_reward_rank_corr"] <= 1
     for name in ("training.png", "reward_vs_kl.png", "samples.md", "iterate/round-1/pairs.jsonl",
                  "iterate/round-2/pairs.jsonl", "iterate/rounds.jsonl"):
         assert (out / name).is_file(), name
@@ -289,6 +292,20 @@ def test_main_parses_overrides(monkeypatch):
     assert seen["s"] == dataclasses.replace(FULL, sft=True, sft_lr=2e-5)
     main(["--quick", "--no-sft"])
     assert seen["s"].sft is False and seen["s"].out == QUICK.out
+
+
+def test_reward_tilted_reweighting_by_hand():
+    # one prompt, rewards 0 and 1, beta 1: weights 1/(1+e), e/(1+e); gain e/(1+e) - 1/2 = 0.23106; KL =
+    # sum p log(2p) = 0.26894 log 0.53788 + 0.73106 log 1.46212 = 0.11094
+    scores = np.array([[0.0, 1.0]])
+    gain, kl = headroom.tilt(scores, 1.0)
+    assert gain == pytest.approx(np.e / (1 + np.e) - 0.5) and gain == pytest.approx(0.23106, abs=1e-5)
+    assert kl == pytest.approx(0.11094, abs=1e-5)
+    assert headroom.tilt_at_kl(scores, 0.11094)[0] == pytest.approx(0.23106, abs=1e-4)
+    # more KL than two samples allow: the limit, best-of-2, at log 2
+    gain, kl = headroom.tilt_at_kl(scores, 5.0)
+    assert gain == pytest.approx(0.5, abs=1e-6) and kl == pytest.approx(np.log(2), abs=1e-6)
+    assert headroom.rank_corr(np.array([1.0, 2.0, 3.0]), np.array([0.1, 0.5, 0.4])) == pytest.approx(0.5)
 
 
 # --- the real model ---

@@ -364,9 +364,14 @@ def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
                          for i in range(len(pol_eval))],
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # how much of the reward its KL could buy the policy reached (reads results.json and round 1's samples)
+    from preftune.demo import headroom  # here: `python -m preftune.demo.headroom` imports this package first
+
+    results["headroom"] = headroom.summary(out)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_html_report(out, step_rows, cmp, results["eval_samples"], s)
     print("\nheld-out samples (all of them in samples.md):\n" + "\n".join(table_md.splitlines()[:7]))
-    print(f"\n{table}\n")
+    print(f"\n{table}\n\nheadroom: {headroom.describe(results['headroom'])}\n")
     print(f"total {timing['wall_s']:.0f} s wall ({timing['cpu_s']:.0f} s CPU); wrote {out}/results.json, "
           f"training.png, reward_vs_kl.png, samples.md, report.html")
     return results
