@@ -308,6 +308,15 @@ def test_reward_tilted_reweighting_by_hand():
     assert headroom.rank_corr(np.array([1.0, 2.0, 3.0]), np.array([0.1, 0.5, 0.4])) == pytest.approx(0.5)
 
 
+def test_bad_settings_stop_before_any_work(monkeypatch, capsys):
+    monkeypatch.setattr("preftune.demo.run", lambda s, progress: pytest.fail("the demo started"))
+    assert main(["--pairing", "best_of_all"]) == 2
+    assert "iterate.pairing: 'best_of_all' is not one of ['best_worst', 'all_pairs', 'disjoint']" in \
+        capsys.readouterr().err
+    assert main(["--loss", "dpoo"]) == 2
+    assert "--loss 'dpoo': not a registered loss" in capsys.readouterr().err
+
+
 # --- the real model ---
 
 @pytest.mark.slow

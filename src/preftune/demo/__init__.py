@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 
 # Sleeping (not spinning) OpenMP threads keep generation usable on a busy 2-core machine. libgomp reads this
 # when torch loads it, so it must be set before the first torch import (the pipeline's, just below).
@@ -63,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = QUICK if args.quick else FULL
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
                  if getattr(args, f.name) is not None}
+    from preftune.config import ConfigError
+    from preftune.demo.pipeline import check_settings
+
+    try:
+        check_settings(dataclasses.replace(settings, **overrides))
+    except ConfigError as err:  # before any model is loaded
+        print(f"preftune demo: {err}", file=sys.stderr)
+        return 2
     if args.frontier:
         from preftune.demo.frontier import Sweep, SweepError, run_frontier
 

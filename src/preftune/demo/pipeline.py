@@ -138,6 +138,16 @@ def iterate_config(s: Settings, start: Path, tokenizer_dir: Path, out: Path, cla
     }
 
 
+def check_settings(s: Settings) -> None:
+    """Raises ConfigError, before any work, for settings the rounds' config or the loss registry refuse."""
+    from preftune.losses import LOSSES
+
+    if s.loss not in LOSSES:
+        raise config.ConfigError(f"--loss {s.loss!r}: not a registered loss; `preftune losses` lists them")
+    scratch = Path(s.out)
+    config.from_dict(iterate_config(s, scratch, scratch, scratch, scratch, False, scratch, scratch))
+
+
 class Clock:
     """Wall and CPU seconds per phase: on a shared machine CPU time shows how much of the wall was ours."""
 
