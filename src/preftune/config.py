@@ -354,7 +354,8 @@ class PerfConfig:
     arXiv:2205.05198, "selective activation recomputation"; torch's create_selective_checkpoint_contexts).
     false: full recomputation. Automatic (with automatic checkpointing): on, every layer, where full
     recomputation would need every 2nd or 3rd layer to fit (at 6M it cost 4-11% of tokens/s against none; at
-    110M it ran faster than every-2-layers full recomputation at the same peak memory; docs/performance.md);
+    110M, in one run, faster than every-2-layers full recomputation at the same peak memory; not settled
+    against full recomputation of every layer; docs/performance.md);
     else off. Forcing it on without gradient_checkpointing is refused."""
     compile: bool | None = None
     """torch.compile each decoder layer (dynamic shapes). Pays only on long runs: compiling takes minutes.

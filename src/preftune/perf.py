@@ -25,8 +25,9 @@ ACTIVATION_VALUES_PER_TOKEN_LAYER = 24
 # down_proj out (6 x hidden) and gate, up (2 x 4 x hidden); the norms, rotary, SiLU and products are recomputed
 SELECTIVE_VALUES_PER_TOKEN_LAYER = 14
 # full recomputation of every n-th layer repeats ~1/(3n) of a step's compute; selective recomputation of every
-# layer cost 4-11% of a step at 6M and ran 15% faster than every-2-layers full recomputation at 110M
-# (docs/performance.md), so it is preferred where full recomputation would need n <= this
+# layer cost 4-11% of a step at 6M and ran 11% faster than every-2-layers full recomputation at 110M in one
+# same-run comparison, so it is preferred where full recomputation would need n <= this (a second 110M run read
+# full recomputation of every layer faster still: not settled, docs/performance.md)
 SELECTIVE_MAX_INTERVAL = 3
 # share of the memory available that one step's kept activations may take before checkpointing turns on
 ACTIVATION_BUDGET = 0.125

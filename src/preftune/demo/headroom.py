@@ -39,8 +39,9 @@ def tilt(scores: np.ndarray, beta: float) -> tuple[float, float]:
 def tilt_at_kl(scores: np.ndarray, kl: float) -> tuple[float, float]:
     """(gain, KL) of the reweighting whose KL is `kl`, or of its limit (best-of-k) when `kl` is beyond it."""
     lo, hi = -12.0, 6.0  # log beta: beta from 6e-6 (about best-of-k) to 400 (about the reference)
-    if tilt(scores, float(np.exp(lo)))[1] <= kl:
-        return tilt(scores, float(np.exp(lo)))
+    limit = tilt(scores, float(np.exp(lo)))
+    if limit[1] <= kl:
+        return limit
     for _ in range(80):  # KL falls as beta grows: bisect on log beta
         mid = (lo + hi) / 2
         if tilt(scores, float(np.exp(mid)))[1] > kl:
@@ -57,9 +58,11 @@ def rank_corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def summary(run_dir: Path) -> dict:
-    """The headroom numbers of one `preftune demo` run directory (results.json and iterate/round-1)."""
-    results = json.loads((run_dir / "results.json").read_text())
+def summary(run_dir: Path, results: dict | None = None) -> dict:
+    """The headroom numbers of one `preftune demo` run: its results (read from run_dir/results.json unless
+    given) and round 1's scores (run_dir/iterate/round-1/scores.json)."""
+    if results is None:
+        results = json.loads((run_dir / "results.json").read_text())
     k = results["settings"]["samples_per_prompt"]
     scores = np.asarray(json.loads((run_dir / "iterate" / "round-1" / "scores.json").read_text())["scores"],
                         dtype=float).reshape(-1, k)  # (P, k): round 1 samples the initial model

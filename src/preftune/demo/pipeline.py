@@ -373,11 +373,10 @@ def run(s: Settings, progress: bool = True, *, model_dir: Path | None = None,
                               "kl_original": float(kl_original[i])} if s.sft else {})}
                          for i in range(len(pol_eval))],
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    # how much of the reward its KL could buy the policy reached (reads results.json and round 1's samples)
+    # how much of the reward its KL could buy the policy reached (round 1's scores against these results)
     from preftune.demo import headroom  # here: `python -m preftune.demo.headroom` imports this package first
 
-    results["headroom"] = headroom.summary(out)
+    results["headroom"] = headroom.summary(out, results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_html_report(out, step_rows, cmp, results["eval_samples"], s)
     print("\nheld-out samples (all of them in samples.md):\n" + "\n".join(table_md.splitlines()[:7]))
